@@ -1,0 +1,47 @@
+"""`dinocell <command> ...`: one entry point that dispatches to each tool's own `main(argv)`.
+
+Commands are imported lazily so that `dinocell --help` is instant and one tool's optional dependencies never
+break another. Nothing imports this module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module with a `main(argv: list[str] | None) -> int | None`, one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("dinocell.train.train", "self-supervised training (DINO + iBOT + KoLeo) from a YAML config"),
+    "datasets": ("dinocell.data.registry", "list registered datasets and the keys their strings accept"),
+    "mean-std": ("dinocell.data.mean_std", "per-channel dataset mean/std JSON (scDINO normalisation step)"),
+    "knn": ("dinocell.eval.knn", "k-NN classification of a checkpoint's features on labelled datasets"),
+}
+
+
+def _usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: dinocell <command> [--help] [args...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += ["", "Run `dinocell <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"dinocell: unknown command '{command}'.{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Per-image, per-channel intensity normalisation shared by the dataset families.
+
+Microscopy intensities differ by orders of magnitude between channels, plates and microscopes, so each field is
+brought to a comparable range before augmentation. All functions take and return float32 [C, H, W] tensors and keep
+full precision (16-bit data is never quantised).
+"""
+
+from __future__ import annotations
+
+import torch
+
+NORMALIZATIONS = ("percentile", "zscore", "minmax", "none")
+
+
+def percentile_normalize(image: torch.Tensor, low: float = 0.1, high: float = 99.9) -> torch.Tensor:
+    """Map each channel's [low, high] percentile range to [0, 1] and clip; a flat channel becomes 0."""
+    flat = image.reshape(image.shape[0], -1).float()
+    q = torch.quantile(_subsample(flat), torch.tensor([low / 100, high / 100]), dim=1)  # [2, C]
+    lo, hi = q[0].view(-1, 1, 1), q[1].view(-1, 1, 1)
+    span = (hi - lo).clamp_min(1e-12)
+    return ((image - lo) / span).clamp_(0.0, 1.0).masked_fill_((hi - lo) <= 1e-12, 0.0)
+
+
+def zscore_normalize(image: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Zero mean, unit variance per channel; a flat channel becomes 0."""
+    flat = image.reshape(image.shape[0], -1).float()
+    mean = flat.mean(1).view(-1, 1, 1)
+    std = flat.std(1, unbiased=False).view(-1, 1, 1)
+    return (image - mean) / (std + eps)
+
+
+def minmax_normalize(image: torch.Tensor) -> torch.Tensor:
+    """scDINO's per-channel min-max to [0, 1]; a channel whose max equals its min stays 0."""
+    flat = image.reshape(image.shape[0], -1).float()
+    lo = flat.amin(1).view(-1, 1, 1)
+    hi = flat.amax(1).view(-1, 1, 1)
+    span = hi - lo
+    return torch.where(span > 0, (image - lo) / span.clamp_min(1e-12), torch.zeros_like(image))
+
+
+def normalize_image(image: torch.Tensor, method: str) -> torch.Tensor:
+    """Dispatch by name; `method` is one of NORMALIZATIONS."""
+    if method == "percentile":
+        return percentile_normalize(image)
+    if method == "zscore":
+        return zscore_normalize(image)
+    if method == "minmax":
+        return minmax_normalize(image)
+    if method == "none":
+        return image.float()
+    raise ValueError(f"normalization '{method}' is not one of {', '.join(NORMALIZATIONS)}")
+
+
+def _subsample(flat: torch.Tensor, max_values: int = 1 << 18) -> torch.Tensor:
+    """torch.quantile refuses inputs above 16M values and is slow on big fields: use a fixed strided subset."""
+    n = flat.shape[1]
+    if n <= max_values:
+        return flat
+    step = n // max_values + 1
+    return flat[:, ::step]
