@@ -1,0 +1,93 @@
+"""Process-group set-up and the few collectives the trainer needs.
+
+A run is distributed when torchrun's environment is present (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT);
+otherwise it is one process and every helper here degrades to a no-op, so the same code path runs everywhere.
+Backend: nccl on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group described by torchrun's environment variables, or run as a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def is_enabled() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_enabled() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_enabled() else 1
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (a copy; the input is left untouched)."""
+    out = tensor.detach().clone()
+    if is_enabled():
+        dist.all_reduce(out)
+        out /= dist.get_world_size()
+    return out
+
+
+def all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average gradients over ranks in one flat buffer: what DDP does, without overlapping it with backward.
+
+    The meta-architecture calls its student modules several times per step (list forward, two heads, optionally
+    one shared head); averaging after backward keeps that simple and bit-identical across ranks.
+    """
+    if not is_enabled():
+        return
+    for p in params:  # a parameter unused on this step must still take part, or ranks would disagree on sizes
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def barrier() -> None:
+    if is_enabled():
+        dist.barrier()
+
+
+def destroy() -> None:
+    if is_enabled():
+        dist.destroy_process_group()

@@ -1,0 +1,78 @@
+"""Metric sinks of a training run.
+
+- `output_dir/training_metrics.json`: one JSON object per line, every `train.log_every` iterations (and the last);
+- a console / log-file line with losses, speed and ETA;
+- wandb (`logging.wandb: true`; honours WANDB_MODE=offline), imported only when enabled.
+Only rank 0 writes; other ranks build a disabled logger so the trainer needs no rank checks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("dinocell")
+
+
+def setup_logging(output_dir: Path, *, enabled: bool) -> logging.Logger:
+    """Log to stdout and to output_dir/logs/log.txt (rank 0); other ranks only print warnings."""
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if enabled else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if enabled:
+        (Path(output_dir) / "logs").mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(Path(output_dir) / "logs" / "log.txt")
+        file_handler.setFormatter(fmt)
+        logger.addHandler(file_handler)
+    return logger
+
+
+class MetricsLogger:
+    """Writes one metrics record to every enabled sink."""
+
+    def __init__(
+        self, output_dir: Path, *, total_iterations: int, enabled: bool, wandb_cfg: Any = None, config: Any = None
+    ) -> None:
+        self.enabled = enabled
+        self.total_iterations = total_iterations
+        self.path = Path(output_dir) / "training_metrics.json"
+        self._wandb = None
+        if enabled and wandb_cfg is not None and wandb_cfg.wandb:
+            import wandb
+
+            self._wandb = wandb.init(
+                project=wandb_cfg.wandb_project,
+                name=wandb_cfg.wandb_run_name or Path(output_dir).resolve().name,
+                dir=str(output_dir),
+                config=config,
+                resume="allow",
+            )
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        remaining = (self.total_iterations - record["iteration"] - 1) * record["iter_time"]
+        eta = datetime.timedelta(seconds=int(remaining))
+        logger.info(
+            "it %d/%d  ep %.2f  loss %.4f (dino g %.4f l %.4f  ibot %.4f  koleo %.4f)  lr %.2e  "
+            "%.3fs/it (data %.3fs)  %.1f img/s  eta %s",
+            record["iteration"], self.total_iterations, record["epoch"], record["total_loss"],
+            record["dino_global_crops_loss"], record["dino_local_crops_loss"], record["ibot_loss"],
+            record["koleo_loss"], record["lr"], record["iter_time"], record["data_time"], record["images_per_s"], eta,
+        )
+        if self._wandb is not None:
+            self._wandb.log(record, step=record["iteration"])
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()

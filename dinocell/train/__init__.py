@@ -1,0 +1,1 @@
+"""Self-supervised training: meta-architecture, optimiser and schedules, checkpoints, and the training loop."""

@@ -1,0 +1,88 @@
+"""AdamW with DINO-style parameter groups and the lr scaling rule.
+
+Parameter groups (one per distinct combination, so the optimiser stays small):
+- layer-wise lr decay: patch embedding, tokens (cls, storage, mask) and RoPE are layer 0, block i is layer i + 1,
+  the final norm and the heads are layer n_blocks + 1; lr multiplier = layerwise_decay ** (n_blocks + 1 - layer);
+- the patch embedding gets an extra `patch_embed_lr_mult`;
+- no weight decay on biases, norm weights, LayerScale gammas and the learned tokens (1-D or token tensors: decaying
+  them towards zero only hurts);
+- the heads' `last_layer` follows the last-layer lr schedule (zero while frozen).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+_TOKEN_NAMES = ("cls_token", "storage_tokens", "mask_token", "register_tokens")
+SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
+
+
+def scaled_lr(base_lr: float, global_batch_size: int, rule: str) -> float:
+    """The learning rate actually used: `base_lr` scaled with the global batch (applied once, at start-up)."""
+    if rule == "sqrt_wrt_1024":
+        return base_lr * math.sqrt(global_batch_size / 1024)
+    if rule == "linear_wrt_256":
+        return base_lr * global_batch_size / 256
+    if rule == "none":
+        return base_lr
+    raise ValueError(f"optim.scaling_rule={rule!r} is not one of {SCALING_RULES}")
+
+
+def _backbone_layer_id(name: str, n_blocks: int) -> int:
+    if name.startswith(("patch_embed.", "rope_embed.")) or name in _TOKEN_NAMES:
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return n_blocks + 1
+
+
+def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    return param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in _TOKEN_NAMES
+
+
+def param_groups(
+    student: nn.ModuleDict, *, n_blocks: int, layerwise_decay: float, patch_embed_lr_mult: float
+) -> list[dict]:
+    """Groups for torch.optim.AdamW; each carries `lr_multiplier`, `wd_multiplier` and `is_last_layer`."""
+    groups: dict[tuple[float, float, bool], dict] = {}
+    seen: set[int] = set()  # a head shared by DINO and iBOT (ibot.separate_head=false) appears twice
+    for module_name, module in student.items():
+        for name, param in module.named_parameters():
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            if module_name == "backbone":
+                layer = _backbone_layer_id(name, n_blocks)
+                lr_mult = layerwise_decay ** (n_blocks + 1 - layer)
+                if name.startswith("patch_embed."):
+                    lr_mult *= patch_embed_lr_mult
+            else:
+                lr_mult = 1.0
+            wd_mult = 0.0 if _no_weight_decay(name, param) else 1.0
+            is_last_layer = name.startswith("last_layer.")
+            key = (lr_mult, wd_mult, is_last_layer)
+            group = groups.setdefault(
+                key,
+                {"params": [], "names": [], "lr_multiplier": lr_mult, "wd_multiplier": wd_mult,
+                 "is_last_layer": is_last_layer},
+            )
+            group["params"].append(param)
+            group["names"].append(f"{module_name}.{name}")
+    return list(groups.values())
+
+
+def build_optimizer(groups: Iterable[dict], cfg: DictConfig) -> torch.optim.AdamW:
+    # lr and weight decay are overwritten every iteration by apply_schedule; 0 here only satisfies the constructor.
+    betas = (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2)
+    return torch.optim.AdamW(list(groups), lr=0.0, weight_decay=0.0, betas=betas)
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, *, lr: float, last_layer_lr: float, weight_decay: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = (last_layer_lr if group["is_last_layer"] else lr) * group["lr_multiplier"]
+        group["weight_decay"] = weight_decay * group["wd_multiplier"]

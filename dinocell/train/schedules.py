@@ -1,0 +1,74 @@
+"""Per-iteration schedules (lr, weight decay, teacher momentum, teacher temperature) as plain arrays.
+
+Pure functions of the config and the iteration count, so that a resumed run reads exactly the same values as an
+uninterrupted one: nothing here carries state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from omegaconf import DictConfig
+
+
+def warmup_cosine(
+    start: float, peak: float, end: float, *, warmup_iters: int, total_iters: int
+) -> np.ndarray:
+    """Linear ramp start -> peak over `warmup_iters`, then half-cosine peak -> end over the remaining iterations."""
+    if total_iters <= 0:
+        raise ValueError(f"total_iters must be > 0, got {total_iters}")
+    warmup_iters = min(max(warmup_iters, 0), total_iters)
+    warmup = np.linspace(start, peak, warmup_iters, endpoint=False)
+    n_cos = total_iters - warmup_iters
+    steps = np.arange(n_cos)
+    cosine = end + 0.5 * (peak - end) * (1 + np.cos(np.pi * steps / max(n_cos, 1)))
+    return np.concatenate([warmup, cosine])
+
+
+def warmup_constant(start: float, end: float, *, warmup_iters: int, total_iters: int) -> np.ndarray:
+    """Linear ramp start -> end over `warmup_iters`, then constant (the teacher temperature schedule)."""
+    warmup_iters = min(max(warmup_iters, 0), total_iters)
+    warmup = np.linspace(start, end, warmup_iters, endpoint=False)
+    return np.concatenate([warmup, np.full(total_iters - warmup_iters, end)])
+
+
+@dataclass(frozen=True)
+class Schedules:
+    """Every scheduled value, one entry per iteration."""
+
+    lr: np.ndarray
+    last_layer_lr: np.ndarray
+    weight_decay: np.ndarray
+    momentum: np.ndarray
+    teacher_temp: np.ndarray
+
+    def at(self, iteration: int) -> dict[str, float]:
+        return {name: float(getattr(self, name)[iteration]) for name in self.__dataclass_fields__}
+
+
+def build_schedules(cfg: DictConfig, *, peak_lr: float) -> Schedules:
+    """Schedules of a whole run; `peak_lr` is the base lr after the batch-size scaling rule."""
+    epoch = cfg.train.OFFICIAL_EPOCH_LENGTH
+    total = cfg.optim.epochs * epoch
+    lr = warmup_cosine(0.0, peak_lr, cfg.optim.min_lr, warmup_iters=cfg.optim.warmup_epochs * epoch, total_iters=total)
+    last_layer_lr = lr.copy()
+    # The heads' last layers stay frozen for the first epochs (DINO: stabilises the prototypes early on).
+    last_layer_lr[: cfg.optim.freeze_last_layer_epochs * epoch] = 0.0
+    wd = warmup_cosine(
+        cfg.optim.weight_decay, cfg.optim.weight_decay, cfg.optim.weight_decay_end, warmup_iters=0, total_iters=total
+    )
+    momentum = warmup_cosine(
+        cfg.teacher.momentum_teacher,
+        cfg.teacher.momentum_teacher,
+        cfg.teacher.final_momentum_teacher,
+        warmup_iters=0,
+        total_iters=total,
+    )
+    teacher_temp = warmup_constant(
+        cfg.teacher.warmup_teacher_temp,
+        cfg.teacher.teacher_temp,
+        warmup_iters=cfg.teacher.warmup_teacher_temp_epochs * epoch,
+        total_iters=total,
+    )
+    return Schedules(lr=lr, last_layer_lr=last_layer_lr, weight_decay=wd, momentum=momentum, teacher_temp=teacher_temp)

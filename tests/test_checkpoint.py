@@ -1,0 +1,79 @@
+"""Checkpoint files: atomic writes, pruning, fallback over damaged files, RNG round-trip, teacher dumps."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dinocell.train import checkpoint as ckpt
+
+
+def _state(i: int) -> dict:
+    return {"model": {"w": torch.full((3,), float(i))}, "iteration": i, "rng": [ckpt.capture_rng_state()]}
+
+
+def test_save_list_and_prune(tmp_path):
+    for i in (10, 20, 30, 40):
+        ckpt.save_checkpoint(tmp_path, i, _state(i), max_to_keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["30", "40"]
+    path, state = ckpt.load_latest_checkpoint(tmp_path)
+    assert path.name == "40" and state["iteration"] == 40 and torch.equal(state["model"]["w"], torch.full((3,), 40.0))
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_crash_while_writing_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 10, _state(10), max_to_keep=3)
+
+    def dying_save(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full / killed")
+
+    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(tmp_path, 20, _state(20), max_to_keep=3)
+    monkeypatch.undo()
+    assert (tmp_path / ".tmp-20").exists() and not (tmp_path / "20").exists()
+    path, state = ckpt.load_latest_checkpoint(tmp_path)
+    assert path.name == "10" and state["iteration"] == 10
+    ckpt.save_checkpoint(tmp_path, 20, _state(20), max_to_keep=3)  # the next save clears the debris
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["10", "20"]
+
+
+def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path):
+    ckpt.save_checkpoint(tmp_path, 10, _state(10), max_to_keep=3)
+    (tmp_path / "20").mkdir()
+    (tmp_path / "20" / ckpt.CHECKPOINT_FILE).write_bytes(b"truncated")
+    path, state = ckpt.load_latest_checkpoint(tmp_path)
+    assert path.name == "10" and state["iteration"] == 10
+
+
+def test_no_checkpoint_gives_none(tmp_path):
+    assert ckpt.load_latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_rng_state_round_trip_through_weights_only_load(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.normal()  # leaves a cached gaussian in numpy's state
+    ckpt.save_checkpoint(tmp_path, 1, _state(1), max_to_keep=1)
+    expected = (random.random(), np.random.rand(), np.random.normal(), torch.rand(2))
+    _, state = ckpt.load_latest_checkpoint(tmp_path)  # weights_only=True
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    ckpt.restore_rng_state(state["rng"][0])
+    got = (random.random(), np.random.rand(), np.random.normal(), torch.rand(2))
+    assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
+
+
+def test_teacher_dump_format(tmp_path):
+    teacher = {"backbone.cls_token": torch.zeros(1, 1, 4), "dino_head.last_layer.weight": torch.ones(8, 4)}
+    path = ckpt.save_teacher_dump(tmp_path / "eval" / "final", teacher)
+    assert path == tmp_path / "eval" / "final" / "teacher_checkpoint.pth"
+    loaded = torch.load(path, weights_only=True)
+    assert set(loaded) == {"teacher"}
+    assert torch.equal(loaded["teacher"]["dino_head.last_layer.weight"], torch.ones(8, 4))
+    ckpt.save_teacher_dump(tmp_path / "eval" / "final", {"backbone.cls_token": torch.ones(1, 1, 4)})  # overwrite
+    assert torch.equal(torch.load(path, weights_only=True)["teacher"]["backbone.cls_token"], torch.ones(1, 1, 4))
