@@ -1,0 +1,264 @@
+"""Multi-crop transform (2 global + N local crops) with channel views, CT masked crops, and the eval transform.
+
+Speed matters (a 5 x 1080 x 1080 field feeds 10 crops): each crop's box is cut first, the channel view is taken on
+that region (a mean or single view shrinks the data 5x before anything else), and only then is it resized with one
+antialiased interpolation; all ops are whole-tensor torch calls.
+
+Channel rule (every crop ends with exactly `in_chans` channels): a view gives either all C channels of the sample
+(`all`) or one channel (`mean` = average of the channels, `single` = one random channel). One channel is replicated
+to `in_chans`; `all` into a 1-channel model becomes `mean`; `all` with C != in_chans (and neither is 1) is an error.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dinocell.data.augmentations import (
+    add_gaussian_noise,
+    adjust_intensity,
+    flip_rotate,
+    gaussian_blur,
+    normalize,
+    resize,
+    resize_mask,
+    rgb_color_jitter,
+    rgb_to_grayscale,
+    sample_crop_box,
+    solarize,
+)
+from dinocell.data.samplers import SeedStream, derive_seed
+
+CROP_GROUPS = ("global1", "global2", "local")
+CHANNEL_VIEWS = ("all", "mean", "single")
+# DINO's colour-jitter strengths (brightness, contrast, saturation, hue) and chances for natural RGB images.
+RGB_JITTER = (0.4, 0.4, 0.2, 0.1)
+RGB_JITTER_PROBABILITY = 0.8
+RGB_GRAYSCALE_PROBABILITY = 0.2
+
+
+@dataclass(frozen=True)
+class CropSettings:
+    """Everything the multi-crop transform reads; built from cfg.crops by dinocell.data.loaders.build_ssl_transform."""
+
+    in_chans: int
+    seed: int
+    global_crops_size: int
+    global_crops_scale: tuple[float, float]
+    local_crops_number: int
+    local_crops_size: int
+    local_crops_scale: tuple[float, float]
+    horizontal_flips: bool
+    vertical_flips: bool
+    rotate90: bool
+    channel_views: Mapping[str, str]
+    local_masked_crops_fraction: float
+    photometric_aug: bool
+    intensity_aug_probability: float
+    brightness_range: tuple[float, float]
+    contrast_range: tuple[float, float]
+    gamma_range: tuple[float, float]
+    blur_probability: Mapping[str, float]
+    blur_sigma: tuple[float, float]
+    noise_probability: Mapping[str, float]
+    noise_std: tuple[float, float]
+    solarization_probability: Mapping[str, float]
+    solarization_threshold: float
+    rgb_color_aug: bool
+    channel_mean: tuple[float, ...] | None
+    channel_std: tuple[float, ...] | None
+
+    def __post_init__(self) -> None:
+        for key in ("channel_views", "blur_probability", "noise_probability", "solarization_probability"):
+            groups = getattr(self, key)
+            if set(groups) != set(CROP_GROUPS):
+                raise ValueError(f"crops.{key} has groups {sorted(groups)}; expected exactly {list(CROP_GROUPS)}")
+        for group, view in self.channel_views.items():
+            if view not in CHANNEL_VIEWS:
+                raise ValueError(f"crops.channel_views.{group}={view!r}: expected one of {', '.join(CHANNEL_VIEWS)}")
+        if not 0.0 <= self.local_masked_crops_fraction <= 1.0:
+            raise ValueError(
+                f"crops.local_masked_crops_fraction={self.local_masked_crops_fraction}: expected a share in [0, 1]"
+            )
+        if (self.channel_mean is None) != (self.channel_std is None) or (
+            self.channel_mean is not None and len(self.channel_mean) != len(self.channel_std)
+        ):
+            raise ValueError(
+                f"crops.channel_mean={self.channel_mean} and crops.channel_std={self.channel_std}: "
+                "expected both null or two lists of the same length (one value per dataset channel)"
+            )
+        if self.channel_std is not None and min(self.channel_std) <= 0:
+            raise ValueError(f"crops.channel_std={list(self.channel_std)}: every std must be > 0")
+
+    @property
+    def num_masked_local_crops(self) -> int:
+        return round(self.local_masked_crops_fraction * self.local_crops_number)
+
+
+def resolve_view(view: str, n_channels: int, in_chans: int, where: str) -> str:
+    """Apply the channel rule: the effective view for a sample with `n_channels` fed to an `in_chans` model."""
+    if view != "all" or n_channels in (in_chans, 1):
+        return view
+    if in_chans == 1:
+        return "mean"
+    raise ValueError(
+        f"{where}=all gives {n_channels} channels but student.in_chans={in_chans}: set student.in_chans={n_channels} "
+        "(or 1), or use a 'mean' / 'single' view, which is replicated to any channel count"
+    )
+
+
+def take_view(
+    region: torch.Tensor, view: str, channel: int, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[torch.Tensor, list[float] | None, list[float] | None]:
+    """The view's channels of a [C, h, w] region plus the mean/std that normalise them.
+
+    A mean view is normalised with the average of its channels' means and stds (documented approximation).
+    """
+    if view == "all":
+        return region, (list(mean) if mean is not None else None), (list(std) if std is not None else None)
+    if view == "single":
+        stats = (mean[channel], std[channel]) if mean is not None else None
+        return region[channel : channel + 1], ([stats[0]] if stats else None), ([stats[1]] if stats else None)
+    averaged = region.mean(dim=0, keepdim=True)
+    if mean is None:
+        return averaged, None, None
+    return averaged, [sum(mean) / len(mean)], [sum(std) / len(std)]
+
+
+def to_in_chans(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Replicate a 1-channel crop to the model's channel count (other counts were matched by resolve_view)."""
+    return x.expand(in_chans, -1, -1) if x.shape[0] == 1 and in_chans != 1 else x
+
+
+class MultiCropTransform:
+    """`transform(sample, position)` -> {"global_crops": [2 x [in_chans, G, G]], "local_crops": [N x [in_chans, L, L]],
+    "label", "id", "position"}; every random choice comes from (seed, position) only."""
+
+    def __init__(self, settings: CropSettings) -> None:
+        self.s = settings
+
+    def __call__(self, sample: Mapping, position: int) -> dict:
+        s = self.s
+        image: torch.Tensor = sample["image"]
+        mask: torch.Tensor | None = sample.get("mask")
+        n_channels = image.shape[0]
+        if s.channel_mean is not None and len(s.channel_mean) != n_channels:
+            raise ValueError(
+                f"crops.channel_mean has {len(s.channel_mean)} values but sample {sample['id']!r} has {n_channels} "
+                f"channels; give {n_channels} values (one per dataset channel) or null"
+            )
+        if s.num_masked_local_crops and mask is None:
+            raise ValueError(
+                f"crops.local_masked_crops_fraction={s.local_masked_crops_fraction} needs a sample 'mask', but sample "
+                f"{sample['id']!r} has none; use a dataset with masks (e.g. CTDataset) or set the fraction to 0.0"
+            )
+        rng = random.Random(derive_seed(s.seed, SeedStream.CROPS, position))
+        global_crops = [
+            self._crop(image, None, group, s.global_crops_size, s.global_crops_scale, rng)
+            for group in ("global1", "global2")
+        ]
+        local_crops = [
+            self._crop(image, mask if i < s.num_masked_local_crops else None, "local", s.local_crops_size,
+                       s.local_crops_scale, rng)
+            for i in range(s.local_crops_number)
+        ]
+        return {
+            "global_crops": global_crops,
+            "local_crops": local_crops,
+            "label": int(sample.get("label", -1)),
+            "id": str(sample["id"]),
+            "position": int(position),
+        }
+
+    def _crop(
+        self,
+        image: torch.Tensor,
+        mask: torch.Tensor | None,
+        group: str,
+        size: int,
+        scale: Sequence[float],
+        rng: random.Random,
+    ) -> torch.Tensor:
+        """One crop; `mask` given = a masked crop (pixels outside the mask are zeroed before normalisation)."""
+        s = self.s
+        n_channels, height, width = image.shape
+        top, left, h, w = sample_crop_box(height, width, scale, rng)
+        view = resolve_view(s.channel_views[group], n_channels, s.in_chans, f"crops.channel_views.{group}")
+        channel = rng.randrange(n_channels)
+        region = image[:, top : top + h, left : left + w]
+        crop, mean, std = take_view(region, view, channel, s.channel_mean, s.channel_std)
+        crop = resize(crop, size)
+        geometry = (
+            s.horizontal_flips and rng.random() < 0.5,
+            s.vertical_flips and rng.random() < 0.5,
+            rng.randrange(4) if s.rotate90 else 0,
+        )
+        crop = flip_rotate(crop, *geometry)
+        if s.photometric_aug:
+            crop = self._photometric(crop, group, rng)
+        if mask is not None:
+            crop_mask = flip_rotate(resize_mask(mask[:, top : top + h, left : left + w], size), *geometry)
+            crop = crop * crop_mask
+        if mean is not None:
+            crop = normalize(crop, mean, std)
+        return to_in_chans(crop, s.in_chans)
+
+    def _photometric(self, crop: torch.Tensor, group: str, rng: random.Random) -> torch.Tensor:
+        s = self.s
+        n = crop.shape[0]
+        if rng.random() < s.intensity_aug_probability:
+            ranges = (s.brightness_range, s.contrast_range, s.gamma_range)
+            factors = [torch.tensor([rng.uniform(*r) for _ in range(n)]) for r in ranges]
+            crop = adjust_intensity(crop, *factors)
+        if s.rgb_color_aug:
+            if n != 3:
+                raise ValueError(
+                    f"crops.rgb_color_aug=true needs 3-channel RGB crops but crop group {group} has {n} channel(s); "
+                    "set crops.rgb_color_aug=false for non-RGB data or use channel view 'all' on RGB images"
+                )
+            if rng.random() < RGB_JITTER_PROBABILITY:
+                *strengths, hue = RGB_JITTER
+                factors = [rng.uniform(1 - strength, 1 + strength) for strength in strengths]
+                crop = rgb_color_jitter(crop, *factors, rng.uniform(-hue, hue))
+            if rng.random() < RGB_GRAYSCALE_PROBABILITY:
+                crop = rgb_to_grayscale(crop)
+        if rng.random() < s.blur_probability[group]:
+            crop = gaussian_blur(crop, rng.uniform(*s.blur_sigma))
+        if rng.random() < s.solarization_probability[group]:
+            crop = solarize(crop, s.solarization_threshold)
+        if rng.random() < s.noise_probability[group]:
+            generator = torch.Generator().manual_seed(rng.getrandbits(63))
+            crop = add_gaussian_noise(crop, rng.uniform(*s.noise_std), generator)
+        return crop
+
+
+class EvalTransform:
+    """Deterministic eval view for k-NN features: shorter side resized to `size`, centre crop, the 'all' view mapped
+    to `in_chans` by the channel rule, the same normalisation. `transform(sample)` -> sample with the new image."""
+
+    def __init__(
+        self, size: int, in_chans: int, channel_mean: Sequence[float] | None, channel_std: Sequence[float] | None
+    ) -> None:
+        self.size = size
+        self.in_chans = in_chans
+        self.channel_mean = channel_mean
+        self.channel_std = channel_std
+
+    def __call__(self, sample: Mapping) -> dict:
+        image: torch.Tensor = sample["image"]
+        n_channels, height, width = image.shape
+        factor = self.size / min(height, width)
+        new_h, new_w = max(self.size, round(height * factor)), max(self.size, round(width * factor))
+        view = resolve_view("all", n_channels, self.in_chans, "evaluation channel view")
+        crop, mean, std = take_view(image, view, 0, self.channel_mean, self.channel_std)
+        crop = resize(crop, (new_h, new_w))
+        top, left = (new_h - self.size) // 2, (new_w - self.size) // 2
+        crop = crop[:, top : top + self.size, left : left + self.size]
+        if mean is not None:
+            crop = normalize(crop, mean, std)
+        out = {key: value for key, value in sample.items() if key != "mask"}
+        out["image"] = to_in_chans(crop, self.in_chans).contiguous()
+        return out
