@@ -1,0 +1,24 @@
+"""Building blocks of the DINOv3 vision transformer (dino_head.py holds the projection heads)."""
+
+from dinocell.layers.attention import LinearKMaskedBias, SelfAttention
+from dinocell.layers.block import FFN_LAYERS, SelfAttentionBlock
+from dinocell.layers.drop_path import DropPath
+from dinocell.layers.ffn import Mlp, SwiGLUFFN, swiglu_hidden_dim
+from dinocell.layers.layer_scale import LayerScale
+from dinocell.layers.patch_embed import PatchEmbed
+from dinocell.layers.rope import RopePositionEmbedding, apply_rope
+
+__all__ = [
+    "FFN_LAYERS",
+    "DropPath",
+    "LayerScale",
+    "LinearKMaskedBias",
+    "Mlp",
+    "PatchEmbed",
+    "RopePositionEmbedding",
+    "SelfAttention",
+    "SelfAttentionBlock",
+    "SwiGLUFFN",
+    "apply_rope",
+    "swiglu_hidden_dim",
+]

@@ -1,0 +1,239 @@
+"""Load pretrained weights into a DinoVisionTransformer, whatever layout they come in, and adapt them.
+
+Accepted sources: an official DINOv3 backbone file (torch.hub layout), a training eval dump
+{"teacher": {"backbone.*": ...}}, this project's training checkpoints (`ckpt/<iteration>/` or its checkpoint.pth,
+whose "model" entry holds "teacher.backbone.*"), Hugging Face DINOv3 weights (a transformers model directory or its
+state dict), an in-memory state dict, or a URL. Files are read with weights_only=True or safetensors: a checkpoint
+is untrusted input. Adaptations: channel count (mean kernel), patch size (pseudo-inverse resize of the kernel).
+"""
+
+import difflib
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from dinocell.models.vision_transformer import ARCHS, DinoVisionTransformer
+
+CHECKPOINT_FILES = ("checkpoint.pth", "teacher_checkpoint.pth", "model.safetensors")
+# Buffers computed from the architecture; Hugging Face files do not store them.
+COMPUTED_BUFFERS = re.compile(r"^(rope_embed\.periods|blocks\.\d+\.attn\.qkv\.bias_mask)$")
+
+
+@dataclass
+class LoadReport:
+    """What load_pretrained did: the layout it recognised, keys it adapted, and keys left missing or unexpected."""
+
+    source: str
+    layout: str
+    adapted: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (
+            f"loaded {self.layout} weights from {self.source}: adapted {self.adapted or 'nothing'}, "
+            f"missing {self.missing or 'none'}, unexpected {self.unexpected or 'none'}"
+        )
+
+
+def _read_file(path: Path) -> Mapping:
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path, device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        raise ValueError(
+            f"{path} is not a readable checkpoint (truncated, corrupt, or not a PyTorch/safetensors weights file): {e}"
+        ) from e
+
+
+def _read(source: str | Path | Mapping) -> tuple[Mapping, str]:
+    """The raw object stored at `source` and a printable name for it."""
+    if isinstance(source, Mapping):
+        return source, "<state dict>"
+    text = str(source)
+    if text.startswith(("http://", "https://")):
+        try:
+            return torch.hub.load_state_dict_from_url(text, map_location="cpu", weights_only=True), text
+        except Exception as e:  # no network, HTTP error, gated file: all end the same way for the user
+            raise RuntimeError(
+                f"could not download {text} ({type(e).__name__}: {e}); download it where a network is available and "
+                f"pass the local file path instead (e.g. student.pretrained_weights=/path/to/file.pth)"
+            ) from e
+    path = Path(source)
+    if path.is_dir():
+        for name in CHECKPOINT_FILES:
+            if (path / name).is_file():
+                return _read_file(path / name), str(path / name)
+        raise FileNotFoundError(f"directory {path} holds none of the expected weight files {list(CHECKPOINT_FILES)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights not found: {path} is neither a file nor a directory")
+    obj = _read_file(path)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors (a state dict)")
+    return obj, str(path)
+
+
+def _strip_prefix(state_dict: Mapping, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def hf_to_official(state_dict: Mapping) -> dict:
+    """Hugging Face DINOv3ViTModel keys -> official DINOv3 keys (q/k/v merged into qkv with a zero k bias)."""
+    out: dict = {}
+    renames = {
+        "embeddings.cls_token": "cls_token",
+        "embeddings.register_tokens": "storage_tokens",
+        "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",
+        "embeddings.patch_embeddings.bias": "patch_embed.proj.bias",
+        "norm.weight": "norm.weight",
+        "norm.bias": "norm.bias",
+    }
+    layer_renames = {
+        "attention.o_proj": "attn.proj",
+        "layer_scale1.lambda1": "ls1.gamma",
+        "layer_scale2.lambda1": "ls2.gamma",
+        "norm1": "norm1",
+        "norm2": "norm2",
+    }
+    gated = any(".mlp.gate_proj." in k for k in state_dict)
+    if gated:
+        mlp_renames = {"gate_proj": "w1", "up_proj": "w2", "down_proj": "w3"}
+    else:
+        mlp_renames = {"up_proj": "fc1", "down_proj": "fc2"}
+    qkv_parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if key in renames:
+            out[renames[key]] = value
+        elif key == "embeddings.mask_token":
+            out["mask_token"] = value.reshape(1, -1)
+        elif m := re.match(r"^layer\.(\d+)\.(.+)$", key):
+            idx, rest = m.groups()
+            if pm := re.match(r"^attention\.([qkv])_proj\.(weight|bias)$", rest):
+                qkv_parts.setdefault(idx, {})[f"{pm.group(1)}.{pm.group(2)}"] = value
+                continue
+            for old, new in {**layer_renames, **{f"mlp.{a}": f"mlp.{b}" for a, b in mlp_renames.items()}}.items():
+                if rest.startswith(old + "."):
+                    out[f"blocks.{idx}.{new}{rest[len(old):]}"] = value
+                    break
+            else:
+                out[key] = value  # unknown: reported as unexpected
+        else:
+            out[key] = value
+    for idx, parts in qkv_parts.items():
+        out[f"blocks.{idx}.attn.qkv.weight"] = torch.cat([parts["q.weight"], parts["k.weight"], parts["v.weight"]])
+        if "q.bias" in parts:
+            k_bias = parts.get("k.bias", torch.zeros_like(parts["q.bias"]))
+            out[f"blocks.{idx}.attn.qkv.bias"] = torch.cat([parts["q.bias"], k_bias, parts["v.bias"]])
+    return out
+
+
+def backbone_state_dict(obj: Mapping) -> tuple[dict, str]:
+    """The backbone's official-layout state dict inside any supported container, and the layout's name."""
+    if isinstance(obj.get("model"), Mapping):
+        for prefix in ("teacher.backbone.", "student.backbone."):
+            if sd := _strip_prefix(obj["model"], prefix):
+                return sd, f"training checkpoint ({prefix[:-1]})"
+        raise ValueError("training checkpoint has no 'teacher.backbone.*' or 'student.backbone.*' keys in 'model'")
+    if isinstance(obj.get("teacher"), Mapping):
+        if sd := _strip_prefix(obj["teacher"], "backbone."):
+            return sd, "eval dump (teacher.backbone)"
+        raise ValueError("eval dump has no 'backbone.*' keys under 'teacher'")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"expected a state dict of tensors, but these entries are not tensors: {bad[:5]}")
+    if any(k.startswith("embeddings.") for k in obj):
+        return hf_to_official(obj), "hugging face DINOv3ViTModel"
+    return dict(obj), "official DINOv3"
+
+
+def pi_resize_patch_kernel(weight: torch.Tensor, new_size: int) -> torch.Tensor:
+    """Resample a [D, C, p, p] patch kernel to [D, C, q, q] so that <resize(x), new> ~= <x, old> for a patch x
+    (FlexiViT's pseudo-inverse resize; resize = bilinear with antialiasing, as F.interpolate(antialias=True))."""
+    old_size = weight.shape[-1]
+    basis = torch.eye(old_size * old_size, dtype=torch.float64).reshape(-1, 1, old_size, old_size)
+    resize = F.interpolate(basis, size=(new_size, new_size), mode="bilinear", align_corners=False, antialias=True)
+    resize_matrix = resize.reshape(old_size * old_size, new_size * new_size)  # row i = resize(e_i) = A^T[i]
+    flat = weight.to(torch.float64).reshape(-1, old_size * old_size).T  # [p*p, D*C]
+    new = torch.linalg.pinv(resize_matrix) @ flat  # [q*q, D*C]
+    return new.T.reshape(*weight.shape[:2], new_size, new_size).to(weight.dtype)
+
+
+def _n_blocks(state_dict: Mapping) -> int:
+    return len({int(m.group(1)) for k in state_dict if (m := re.match(r"^blocks\.(\d+)\.", k))})
+
+
+def _check_and_adapt(backbone: DinoVisionTransformer, sd: dict, adapted: list[str]) -> None:
+    """Raise on mismatches that cannot be adapted; adapt the patch embedding's channels and patch size in place."""
+    if "cls_token" in sd and sd["cls_token"].shape[-1] != backbone.embed_dim:
+        dim = sd["cls_token"].shape[-1]
+        matching = [a for a, spec in ARCHS.items() if spec["embed_dim"] == dim]
+        raise ValueError(
+            f"checkpoint embed dim {dim} does not match the backbone's embed_dim {backbone.embed_dim}; "
+            f"build the backbone with an arch of embed dim {dim}: {matching or 'none of ' + str(sorted(ARCHS))}"
+        )
+    if "storage_tokens" in sd and sd["storage_tokens"].shape[1] != backbone.n_storage_tokens:
+        n = sd["storage_tokens"].shape[1]
+        raise ValueError(
+            f"checkpoint has {n} storage tokens but the backbone has n_storage_tokens={backbone.n_storage_tokens}; "
+            f"build it with n_storage_tokens={n}"
+        )
+    if (depth := _n_blocks(sd)) and depth != backbone.n_blocks:
+        raise ValueError(f"checkpoint has {depth} blocks but the backbone has {backbone.n_blocks} (depth); pick the "
+                         f"arch the checkpoint was trained with")
+    key = "patch_embed.proj.weight"
+    if key not in sd:
+        return
+    weight = sd[key]
+    if weight.shape[1] != backbone.in_chans:
+        old = weight.shape[1]
+        weight = weight.mean(dim=1, keepdim=True).expand(-1, backbone.in_chans, -1, -1) * (old / backbone.in_chans)
+        adapted.append(f"{key}: {old} -> {backbone.in_chans} channels (mean kernel x {old}/{backbone.in_chans})")
+    if weight.shape[-1] != backbone.patch_size or weight.shape[-2] != weight.shape[-1]:
+        old = tuple(weight.shape[-2:])
+        weight = pi_resize_patch_kernel(weight, backbone.patch_size)
+        adapted.append(f"{key}: patch {old[0]}x{old[1]} -> {backbone.patch_size} (pseudo-inverse resize)")
+    sd[key] = weight.contiguous()
+
+
+def load_pretrained(
+    backbone: DinoVisionTransformer, source: str | Path | Mapping, *, strict: bool = True
+) -> LoadReport:
+    """Load weights from `source` into `backbone` (in place) and say what was adapted, missing and unexpected.
+
+    strict=True raises if any backbone key stays missing or any checkpoint key is unused; strict=False loads what
+    fits. Shape mismatches that cannot be adapted always raise.
+    """
+    obj, name = _read(source)
+    sd, layout = backbone_state_dict(obj)
+    report = LoadReport(source=name, layout=layout)
+    _check_and_adapt(backbone, sd, report.adapted)
+    own = backbone.state_dict()
+    for key in own:
+        if key not in sd and COMPUTED_BUFFERS.match(key):
+            sd[key] = own[key]
+            report.adapted.append(f"{key}: computed from the architecture (not in the checkpoint)")
+    report.missing = sorted(set(own) - set(sd))
+    report.unexpected = sorted(set(sd) - set(own))
+    wrong_shapes = [f"{k}: checkpoint {list(sd[k].shape)} vs backbone {list(own[k].shape)}"
+                    for k in own if k in sd and sd[k].shape != own[k].shape]
+    if wrong_shapes:
+        raise ValueError(f"{name}: tensors with shapes that do not fit the backbone: {wrong_shapes[:5]}")
+    if strict and (report.missing or report.unexpected):
+        hint = ""
+        if report.missing:
+            close = difflib.get_close_matches(report.missing[0], report.unexpected, n=1)
+            hint = f" (checkpoint key closest to {report.missing[0]!r}: {close[0]!r})" if close else ""
+        raise ValueError(
+            f"{name} ({layout}) does not match the backbone: missing {report.missing[:10]}, unexpected "
+            f"{report.unexpected[:10]}{hint}; pass strict=False to load the matching part"
+        )
+    backbone.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    return report
