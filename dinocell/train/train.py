@@ -24,8 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from dinocell import distributed
 from dinocell.config import config_to_yaml, load_config, save_config
 from dinocell.data import make_dataset
-from dinocell.data.loaders import build_ssl_loader
-from dinocell.data.transforms import build_eval_transform, build_ssl_transform
+from dinocell.data.loaders import build_eval_transform, build_ssl_loader_from_config
 from dinocell.logging import MetricsLogger, setup_logging
 from dinocell.train.checkpoint import (
     capture_rng_state,
@@ -90,19 +89,14 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _data_stream(cfg: DictConfig, dist_info: distributed.DistInfo, start_iter: int) -> Iterator[dict[str, Any]]:
-    dataset = make_dataset(cfg.train.dataset_path)
-    loader = build_ssl_loader(
-        dataset,
-        build_ssl_transform(cfg),
-        batch_size_per_rank=cfg.train.batch_size_per_gpu,
-        global_batch_size=cfg.train.batch_size_per_gpu * dist_info.world_size,
+    """Collated batches of this rank from global batch `start_iter` on (resuming = skipping, by the sampler)."""
+    loader = build_ssl_loader_from_config(
+        cfg,
+        make_dataset(cfg.train.dataset_path),
         rank=dist_info.rank,
         world_size=dist_info.world_size,
-        seed=cfg.train.seed,
         start_iter=start_iter,
-        num_workers=cfg.train.num_workers,
         pin_memory=dist_info.device.type == "cuda",
-        cfg=cfg,
     )
     return iter(loader)
 
@@ -112,7 +106,11 @@ def knn_top1(cfg: DictConfig, backbone: torch.nn.Module, device: torch.device) -
     from dinocell.eval.features import extract_features
     from dinocell.eval.knn import knn_classify
 
-    transform = build_eval_transform(cfg)
+    eval_transform = build_eval_transform(cfg)
+
+    def transform(sample: dict[str, Any]) -> torch.Tensor:
+        return eval_transform(sample)["image"]
+
     feats = {}
     for split in ("train", "test"):
         dataset = make_dataset(cfg.evaluation[f"knn_{split}_dataset"])
@@ -120,13 +118,10 @@ def knn_top1(cfg: DictConfig, backbone: torch.nn.Module, device: torch.device) -
             backbone, dataset, transform, batch_size=cfg.train.batch_size_per_gpu, num_workers=0, device=device
         )
         num_classes = len(dataset.classes)
-    was_training = backbone.training
-    backbone.eval()
     top1 = knn_classify(
         *feats["train"], *feats["test"], k=cfg.evaluation.knn_k, temperature=cfg.evaluation.knn_temperature,
         num_classes=num_classes,
     )
-    backbone.train(was_training)
     return float(top1)
 
 

@@ -1,0 +1,118 @@
+"""Meta-architecture: student/teacher layout, EMA update, and how the loss terms are combined (DINOv3 weights)."""
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+import dinocell
+from dinocell.loss import dino_loss, sinkhorn_knopp
+from dinocell.train.meta_arch import SSLMetaArch
+
+TINY = [
+    "student.arch=vit_test", "student.patch_size=8", "student.n_storage_tokens=1",
+    "student.pos_embed_rope_rescale_coords=null", "crops.global_crops_size=16", "crops.local_crops_size=8",
+    "crops.local_crops_number=2", "dino.head_n_prototypes=32", "ibot.head_n_prototypes=24",
+    "dino.head_hidden_dim=16", "ibot.head_hidden_dim=16", "dino.head_bottleneck_dim=8", "ibot.head_bottleneck_dim=8",
+    "student.in_chans=3", "student.layerscale=0.1",
+]
+
+
+def _cfg(*extra):
+    """The default config with overrides (merged directly: these tests are about the model, not config loading)."""
+    default = OmegaConf.load(Path(dinocell.__file__).parent / "configs" / "ssl_default_config.yaml")
+    return OmegaConf.merge(default, OmegaConf.from_dotlist(TINY + list(extra)))
+
+
+def _batch(cfg, b=3, masked=True):
+    g, loc, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
+    gen = torch.Generator().manual_seed(0)
+    n_patches = (g // cfg.student.patch_size) ** 2
+    masks = torch.zeros(2 * b, n_patches, dtype=torch.bool)
+    if masked:
+        masks[0, :2] = True
+        masks[4, 1:4] = True
+    return {
+        "collated_global_crops": torch.randn(2 * b, 3, g, g, generator=gen),
+        "collated_local_crops": torch.randn(n_local * b, 3, loc, loc, generator=gen),
+        "collated_masks": masks,
+        "mask_indices_list": masks.flatten().nonzero().flatten(),
+    }
+
+
+def test_state_dict_layout_and_teacher_is_frozen_copy():
+    torch.manual_seed(0)
+    model = SSLMetaArch(_cfg())
+    keys = model.state_dict().keys()
+    for prefix in ("student.backbone.", "student.dino_head.", "student.ibot_head.", "teacher.backbone.",
+                   "teacher.dino_head.", "teacher.ibot_head."):
+        assert any(k.startswith(prefix) for k in keys), prefix
+    assert {"dino_center", "ibot_center"} <= set(keys)
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    for (ns, s), (nt, t) in zip(model.student.state_dict().items(), model.teacher.state_dict().items()):
+        assert ns == nt and torch.equal(s, t)
+    model.train()
+    assert model.student.training and not model.teacher.training
+    assert set(model.teacher_state_dict()) == {k[len("teacher."):] for k in keys if k.startswith("teacher.")}
+
+
+def test_ema_update_exact():
+    torch.manual_seed(0)
+    model = SSLMetaArch(_cfg())
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(torch.randn_like(p))
+    s = [p.clone() for p in model.student.parameters()]
+    t = [p.clone() for p in model.teacher.parameters()]
+    model.update_teacher(0.9)
+    for ps, pt, new in zip(s, t, model.teacher.parameters()):
+        torch.testing.assert_close(new, 0.9 * pt + 0.1 * ps, rtol=0, atol=1e-6)
+
+
+def test_loss_combination_follows_dinov3_weights():
+    cfg = _cfg("dino.loss_weight=0.7", "dino.koleo_loss_weight=0.3", "ibot.loss_weight=0.5")
+    torch.manual_seed(0)
+    model = SSLMetaArch(cfg).train()
+    batch = _batch(cfg)
+    total, terms = model(batch, teacher_temp=0.05)
+    # 2 global, 2 local crops: global pairs 2 (diagonal ignored), local pairs 4 -> scales 1/3 and 2/3
+    expected = 0.7 * (terms["dino_global_crops_loss"] / 3 + 2 * terms["dino_local_crops_loss"] / 3)
+    expected += 0.3 * 2 * terms["koleo_loss"] + 0.5 * terms["ibot_loss"]
+    torch.testing.assert_close(total.detach(), expected)
+    assert all(v.item() > 0 for v in terms.values())
+
+    # the global DINO term recomputed independently: teacher on unmasked globals, student on masked globals
+    with torch.no_grad():
+        t_logits = model.teacher.dino_head(model.teacher.backbone.forward_features(batch["collated_global_crops"])[
+            "x_norm_clstoken"])
+        s_out = model.student.backbone.forward_features(batch["collated_global_crops"], masks=batch["collated_masks"])
+        s_logits = model.student.dino_head(s_out["x_norm_clstoken"])
+    ref = dino_loss(s_logits.unflatten(0, (2, -1)), sinkhorn_knopp(t_logits, 0.05).unflatten(0, (2, -1)),
+                    ignore_diagonal=True)
+    torch.testing.assert_close(terms["dino_global_crops_loss"], ref, rtol=1e-5, atol=1e-6)
+
+    total.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert all(torch.isfinite(p.grad).all() for p in model.student.parameters() if p.grad is not None)
+
+
+def test_without_local_crops_or_masks_the_terms_are_zero():
+    cfg = _cfg("crops.local_crops_number=0", "dino.global_ignore_diagonal=false")
+    torch.manual_seed(0)
+    model = SSLMetaArch(cfg)
+    total, terms = model(_batch(cfg, masked=False), teacher_temp=0.07)
+    assert terms["dino_local_crops_loss"].item() == 0 and terms["ibot_loss"].item() == 0
+    expected = cfg.dino.loss_weight * terms["dino_global_crops_loss"] + cfg.dino.koleo_loss_weight * 2 * terms[
+        "koleo_loss"]
+    torch.testing.assert_close(total.detach(), expected)
+
+
+def test_shared_head_and_ema_centering():
+    cfg = _cfg("ibot.separate_head=false", "ibot.head_n_prototypes=32", "train.centering=centering")
+    torch.manual_seed(0)
+    model = SSLMetaArch(cfg)
+    assert model.student.ibot_head is model.student.dino_head
+    assert model.teacher.ibot_head is model.teacher.dino_head
+    model(_batch(cfg), teacher_temp=0.07)
+    # centers moved by (1 - 0.9) * batch mean of the teacher logits
+    assert model.dino_center.abs().sum() > 0 and model.ibot_center.abs().sum() > 0
