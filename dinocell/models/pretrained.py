@@ -86,7 +86,9 @@ def _strip_prefix(state_dict: Mapping, prefix: str) -> dict:
 
 
 def hf_to_official(state_dict: Mapping) -> dict:
-    """Hugging Face DINOv3ViTModel keys -> official DINOv3 keys (q/k/v merged into qkv with a zero k bias)."""
+    """Hugging Face DINOv3ViTModel keys -> official DINOv3 keys (q/k/v merged into qkv with a zero k bias).
+
+    Blocks are `layer.N.*` in transformers 4.x and `model.layer.N.*` in 5.x; both are accepted."""
     out: dict = {}
     renames = {
         "embeddings.cls_token": "cls_token",
@@ -98,8 +100,8 @@ def hf_to_official(state_dict: Mapping) -> dict:
     }
     layer_renames = {
         "attention.o_proj": "attn.proj",
-        "layer_scale1.lambda1": "ls1.gamma",
-        "layer_scale2.lambda1": "ls2.gamma",
+        "layer_scale1": "ls1",
+        "layer_scale2": "ls2",
         "norm1": "norm1",
         "norm2": "norm2",
     }
@@ -114,14 +116,15 @@ def hf_to_official(state_dict: Mapping) -> dict:
             out[renames[key]] = value
         elif key == "embeddings.mask_token":
             out["mask_token"] = value.reshape(1, -1)
-        elif m := re.match(r"^layer\.(\d+)\.(.+)$", key):
+        elif m := re.match(r"^(?:model\.)?layer\.(\d+)\.(.+)$", key):  # transformers 4.x: layer.N, 5.x: model.layer.N
             idx, rest = m.groups()
             if pm := re.match(r"^attention\.([qkv])_proj\.(weight|bias)$", rest):
                 qkv_parts.setdefault(idx, {})[f"{pm.group(1)}.{pm.group(2)}"] = value
                 continue
             for old, new in {**layer_renames, **{f"mlp.{a}": f"mlp.{b}" for a, b in mlp_renames.items()}}.items():
                 if rest.startswith(old + "."):
-                    out[f"blocks.{idx}.{new}{rest[len(old):]}"] = value
+                    param = rest[len(old) + 1 :]
+                    out[f"blocks.{idx}.{new}.{'gamma' if param == 'lambda1' else param}"] = value
                     break
             else:
                 out[key] = value  # unknown: reported as unexpected
