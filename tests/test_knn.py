@@ -113,6 +113,15 @@ def test_extract_features_order_normalisation_and_mode():
     assert dataset.batch_fetches == 3  # batches went through the dataset's own __getitems__
 
 
+def test_extract_features_accepts_a_transform_that_returns_the_image():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(32, 3))
+    as_record, _ = extract_features(model, _Samples(5), lambda s: {**s, "image": 2 * s["image"]}, batch_size=2,
+                                    num_workers=0, device="cpu")
+    as_image, _ = extract_features(model, _Samples(5), lambda s: 2 * s["image"], batch_size=2, num_workers=0,
+                                   device="cpu")
+    torch.testing.assert_close(as_record, as_image)
+
+
 def test_extract_features_restores_training_mode_and_rejects_empty():
     model = nn.Sequential(nn.Flatten(), nn.Linear(32, 3))
     model.train()

@@ -110,6 +110,13 @@ def test_softmax_center_and_update_by_hand():
     torch.testing.assert_close(center, torch.tensor([[0.2, 0.3]]))  # a fixed point stays put
 
 
+def test_no_rows_keep_sinkhorn_and_center_defined():
+    # a rank (or step) without masked patches: empty targets, the center stays as it was (no 0/0)
+    assert sinkhorn_knopp(torch.zeros(0, 4), temp=0.1).shape == (0, 4)
+    center = torch.tensor([[0.5, -0.5]])
+    torch.testing.assert_close(update_center(center, torch.zeros(0, 2)), center)
+
+
 # ---------------------------------------------------------------------------- DINO
 def test_dino_loss_by_hand():
     uniform = torch.zeros(1, 1, 2)
@@ -167,6 +174,14 @@ def test_ibot_loss_matches_loop_definition():
     ours, ref = ibot_loss(student, teacher, masks), loop_ibot(student, teacher, masks, TEMP)
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(*(torch.autograd.grad(v, student)[0] for v in (ours, ref)))
+
+
+def test_ibot_loss_without_masked_patches_is_zero_with_graph():
+    student = torch.zeros(0, 4, requires_grad=True)
+    loss = ibot_loss(student, torch.zeros(0, 4), torch.zeros(2, 3, dtype=torch.bool))
+    assert loss.item() == 0.0
+    loss.backward()  # DDP needs the iBOT head in the graph on every rank, even one without masked patches
+    assert student.grad.shape == (0, 4)
 
 
 def test_ibot_loss_rejects_rows_that_do_not_match_masks():

@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-# sample record -> sample record with the image the model sees (e.g. dinocell.data.transforms.EvalTransform)
-SampleTransform = Callable[[dict[str, Any]], dict[str, Any]]
+# sample record -> the image the model sees, or a record holding it under "image" (as EvalTransform returns)
+SampleTransform = Callable[[dict[str, Any]], torch.Tensor | dict[str, Any]]
 
 
 class _ImageLabelDataset(Dataset):
@@ -26,9 +26,10 @@ class _ImageLabelDataset(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def _pair(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        if self.transform is not None:
-            sample = self.transform(sample)
-        return sample["image"], int(sample["label"])
+        if self.transform is None:
+            return sample["image"], int(sample["label"])
+        view = self.transform(sample)
+        return (view if isinstance(view, torch.Tensor) else view["image"]), int(sample["label"])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self._pair(self.dataset[index])
@@ -53,9 +54,10 @@ def extract_features(
     """Features [N, D] float32 (rows L2-normalised, on CPU) and labels [N] int64, in dataset order.
 
     `model(x)` must return one feature vector per image (a dinocell backbone returns its normalised cls token).
-    `transform` maps a sample record to the record whose "image" is fed to the model (a deterministic eval view);
-    None feeds sample["image"] unchanged (all images must then have the same size). The model runs in eval mode;
-    its previous mode is restored afterwards.
+    `transform` maps a sample record to the image fed to the model (a deterministic eval view), or to a record
+    holding it under "image" (dinocell.data.loaders.build_eval_transform(cfg) can be passed as is); None feeds
+    sample["image"] unchanged (all images must then have the same size). The model runs in eval mode; its previous
+    mode is restored afterwards.
     """
     loader = DataLoader(
         _ImageLabelDataset(dataset, transform),

@@ -70,4 +70,5 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: 
     flat = teacher_logits.float().reshape(-1, teacher_logits.shape[-1])
     total = _all_reduce_sum(flat.sum(dim=0, keepdim=True))
     count = _all_reduce_sum(torch.tensor(float(flat.shape[0]), device=flat.device))
-    return center * momentum + (total / count) * (1 - momentum)
+    updated = center * momentum + (total / count.clamp(min=1)) * (1 - momentum)
+    return torch.where(count > 0, updated, center)  # no rows anywhere (e.g. no masked patch): keep the center
