@@ -40,10 +40,10 @@ class BadSampleTracker:
     def is_bad(self, index: int) -> bool:
         return bool(self.flags[index])
 
-    def mark(self, index: int, error: BadFileError, substitute_hint: str = "") -> None:
+    def mark(self, index: int, error: BadFileError) -> None:
         if not self.flags[index]:
             self.flags[index] = REASONS.index(error.reason) + 1
-            logger.warning("skipping bad sample %s%s", error, substitute_hint)
+            logger.warning("bad sample %d skipped, the next good one is used instead: %s", index, error)
 
     def counts(self) -> dict[str, int]:
         """Distinct bad samples found so far (by any worker of this process), by reason, plus `total`."""
