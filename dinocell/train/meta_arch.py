@@ -60,7 +60,7 @@ class SSLMetaArch(nn.Module):
         self.cfg = cfg
         backbone = build_student_backbone(cfg)
         if cfg.student.pretrained_weights:
-            report = load_pretrained(backbone, cfg.student.pretrained_weights, strict=False)
+            report = load_pretrained(backbone, cfg.student.pretrained_weights, strict=True)
             logger.info("student and teacher backbones initialised from %s: %s", cfg.student.pretrained_weights, report)
         dino_head = _head(backbone.embed_dim, cfg.dino)
         ibot_head = _head(backbone.embed_dim, cfg.ibot) if cfg.ibot.separate_head else dino_head

@@ -168,23 +168,14 @@ def train(cfg: DictConfig, *, resume: bool = True) -> dict[str, Any]:
     )
     optimizer = build_optimizer(groups, cfg)
 
-    start_iter, nonfinite_total = 0, 0
+    start_iter, nonfinite_total, rng_states = 0, 0, None
     latest = load_latest_checkpoint(out / "ckpt") if resume else None
     if latest is not None:
         ckpt_dir, state = latest
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_iter, nonfinite_total = state["iteration"], state["nonfinite_count"]
-        rng_states = state["rng"]
-        if len(rng_states) == dist_info.world_size:
-            restore_rng_state(rng_states[dist_info.rank])
-        else:
-            logger.warning("checkpoint has RNG states of %d ranks, this run has %d: reseeding", len(rng_states),
-                           dist_info.world_size)
-            seed_everything(cfg.train.seed + dist_info.rank + start_iter)
+        start_iter, nonfinite_total, rng_states = state["iteration"], state["nonfinite_count"], state["rng"]
         logger.info("resumed from %s at iteration %d", ckpt_dir, start_iter)
-    else:
-        seed_everything(cfg.train.seed + dist_info.rank)
 
     knn_enabled = bool(cfg.evaluation.knn_train_dataset and cfg.evaluation.knn_test_dataset)
     knn_path = out / "eval" / "knn.json"
@@ -199,6 +190,16 @@ def train(cfg: DictConfig, *, resume: bool = True) -> dict[str, Any]:
         config=OmegaConf.to_container(cfg),
     )
     data = _data_stream(cfg, dist_info, start_iter)
+    # The loop's random stream (drop path, RoPE augmentation) is set only now: creating the loader draws from the
+    # global generator, so restoring before it would shift a resumed run's stream by one draw.
+    if rng_states is not None and len(rng_states) == dist_info.world_size:
+        restore_rng_state(rng_states[dist_info.rank])
+    elif rng_states is not None:
+        logger.warning("checkpoint holds RNG states of %d ranks, this run has %d: reseeding", len(rng_states),
+                       dist_info.world_size)
+        seed_everything(cfg.train.seed + dist_info.rank + start_iter)
+    else:
+        seed_everything(cfg.train.seed + dist_info.rank)
     model.train()
     consecutive_nonfinite = 0
     record: dict[str, Any] = {}

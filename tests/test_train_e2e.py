@@ -1,0 +1,143 @@
+"""End-to-end training runs on tiny models: every output, exact resume, non-finite handling, 2-process equivalence."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import dinocell
+from dinocell.models import build_backbone, load_pretrained
+from dinocell.train import checkpoint as ckpt_module
+from dinocell.train import train as train_module
+from dinocell.train.meta_arch import SSLMetaArch
+from dinocell.train.train import NonFiniteLossError, train
+
+TINY = [
+    "student.arch=vit_test", "student.patch_size=8", "student.n_storage_tokens=1", "student.in_chans=5",
+    "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=2",
+    "dino.head_n_prototypes=64", "ibot.head_n_prototypes=64", "dino.head_hidden_dim=32", "ibot.head_hidden_dim=32",
+    "dino.head_bottleneck_dim=16", "ibot.head_bottleneck_dim=16",
+    "train.dataset_path=SyntheticCellPainting:size=64:image_size=64", "train.batch_size_per_gpu=4",
+    "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=2", "optim.epochs=3", "optim.warmup_epochs=1",
+    "teacher.warmup_teacher_temp_epochs=1", "train.log_every=1", "checkpointing.period=3",
+    "evaluation.eval_period_iterations=2",
+]
+LOSS_FIELDS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss", "grad_norm",
+               "lr", "wd", "momentum", "teacher_temp")
+
+
+def _cfg(out: Path, *extra: str):
+    default = OmegaConf.load(Path(dinocell.__file__).parent / "configs" / "ssl_default_config.yaml")
+    return OmegaConf.merge(default, OmegaConf.from_dotlist(TINY + [f"train.output_dir={out}", *extra]))
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "training_metrics.json").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_run_writes_every_output(tmp_path):
+    out = tmp_path / "run"
+    last = train(_cfg(out, "student.drop_path_rate=0.1"))
+    assert (out / "config.yaml").is_file() and OmegaConf.load(out / "config.yaml").optim.lr == 1e-3  # base lr kept
+    log = (out / "logs" / "log.txt").read_text()
+    assert "OFFICIAL_EPOCH_LENGTH" in log and "scaled by sqrt_wrt_1024" in log
+    records = _metrics(out)
+    assert [r["iteration"] for r in records] == list(range(6)) and records[-1] == last
+    for field in (*LOSS_FIELDS, "iteration", "epoch", "iter_time", "data_time", "images_per_s", "last_layer_lr",
+                  "nonfinite_count"):
+        assert field in last, field
+    assert records[0]["last_layer_lr"] == 0.0 and records[-1]["last_layer_lr"] > 0  # frozen for the first epoch
+    assert records[-1]["epoch"] == pytest.approx(5 / 2)
+    assert all(torch.isfinite(torch.tensor(r["total_loss"])) for r in records)
+
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["3", "6"]
+    state = torch.load(out / "ckpt" / "6" / "checkpoint.pth", weights_only=True)
+    assert state["iteration"] == 6 and state["sampler"]["start_iter"] == 6
+    assert {"model", "optimizer", "rng", "nonfinite_count", "config"} <= set(state)
+    assert any(k.startswith("teacher.backbone.") for k in state["model"]) and "dino_center" in state["model"]
+
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["2", "4", "6", "final"]
+    dump = torch.load(out / "eval" / "final" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    assert {k.split(".")[0] for k in dump} == {"backbone", "dino_head", "ibot_head"}
+    backbone = build_backbone("vit_test", patch_size=8, n_storage_tokens=1, in_chans=5)
+    load_pretrained(backbone, out / "eval" / "final" / "teacher_checkpoint.pth")
+    for name, value in backbone.state_dict().items():
+        assert torch.equal(value, dump[f"backbone.{name}"]), name
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_resume_is_exact(tmp_path, monkeypatch):
+    """6 iterations in one go == 3 iterations, a crash, and a resumed run to 6 (RoPE augmentation and drop path on)."""
+    extra = ("student.drop_path_rate=0.1", "train.centering=centering")
+    train(_cfg(tmp_path / "full", *extra))
+
+    real_save = ckpt_module.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise _Interrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(_Interrupt):
+        train(_cfg(tmp_path / "resumed", *extra))
+    monkeypatch.undo()
+    assert [r["iteration"] for r in _metrics(tmp_path / "resumed")] == [0, 1, 2]
+    train(_cfg(tmp_path / "resumed", *extra))
+
+    full, resumed = _metrics(tmp_path / "full"), _metrics(tmp_path / "resumed")
+    assert [r["iteration"] for r in resumed] == list(range(6))
+    for a, b in zip(full, resumed):
+        assert {k: a[k] for k in LOSS_FIELDS} == {k: b[k] for k in LOSS_FIELDS}
+    dump_a = torch.load(tmp_path / "full" / "eval" / "final" / "teacher_checkpoint.pth", weights_only=True)
+    dump_b = torch.load(tmp_path / "resumed" / "eval" / "final" / "teacher_checkpoint.pth", weights_only=True)
+    for key, value in dump_a["teacher"].items():
+        assert torch.equal(value, dump_b["teacher"][key]), key
+
+
+def _poison(monkeypatch, bad_calls: set[int] | None):
+    """Make the meta-arch return a NaN loss on the given forward calls (None: on every call from the 3rd on)."""
+    real_forward = SSLMetaArch.forward
+    calls = {"n": 0}
+
+    def forward(self, batch, teacher_temp):
+        loss, terms = real_forward(self, batch, teacher_temp)
+        calls["n"] += 1
+        bad = calls["n"] >= 3 if bad_calls is None else calls["n"] in bad_calls
+        return (loss * float("nan") if bad else loss), terms
+
+    monkeypatch.setattr(SSLMetaArch, "forward", forward)
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    _poison(monkeypatch, {2, 4})
+    last = train(_cfg(tmp_path / "run", "train.max_consecutive_nonfinite=2"))
+    records = _metrics(tmp_path / "run")
+    assert [r["nonfinite_count"] for r in records] == [0, 1, 1, 2, 2, 2] and last["nonfinite_count"] == 2
+    assert all(r["grad_norm"] != r["grad_norm"] for r in (records[1], records[3]))  # NaN: no gradient that step
+    state = torch.load(tmp_path / "run" / "ckpt" / "6" / "checkpoint.pth", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_too_many_nonfinite_steps_stop_without_poisoned_checkpoint(tmp_path, monkeypatch):
+    _poison(monkeypatch, None)
+    with pytest.raises(NonFiniteLossError, match="non-finite losses in a row"):
+        train(_cfg(tmp_path / "run", "train.max_consecutive_nonfinite=3", "checkpointing.period=1"))
+    # iterations 0, 1 were good; 2, 3, 4 were skipped and the run stopped at the third: nothing saved after that
+    assert [p.name for p in ckpt_module.list_checkpoints(tmp_path / "run" / "ckpt")][-1] == "4"
+    state = torch.load(tmp_path / "run" / "ckpt" / "4" / "checkpoint.pth", weights_only=True)
+    good = torch.load(tmp_path / "run" / "ckpt" / "2" / "checkpoint.pth", weights_only=True)
+    for key, value in good["model"].items():
+        assert torch.equal(value, state["model"][key]), key  # skipped steps leave the model untouched
