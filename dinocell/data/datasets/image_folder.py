@@ -1,0 +1,132 @@
+"""ImageFolder: class sub-folders of ordinary image files (PNG, JPEG, TIFF, ...) for natural-image users.
+
+Layout `root/<class name>/**/<image>`; the class is the top-level folder name (classes sorted by name). Images placed
+directly in `root` (no class folders at all) form an unlabelled set (label -1). Values are scaled by the file's bit
+depth to [0, 1] float32 (8-bit / 255, 16-bit / 65535, so 16-bit PNG and TIFF keep full precision); float TIFFs are
+kept as stored. TIFFs are read with tifffile (multi-channel 16-bit TIFFs are beyond PIL), everything else with PIL.
+
+Unreadable files never stop a run: files whose header does not open are skipped when the folder is scanned, and a file
+that fails to decode later is replaced by the next readable file in order; both are counted (`skipped`) and warned
+about.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import warnings
+from typing import Literal
+
+import numpy as np
+import tifffile
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from dinocell.data.registry import register_dataset
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as PIL's RGB -> L
+
+
+@register_dataset("ImageFolder")
+class ImageFolder(Dataset):
+    """Class sub-folders of RGB or greyscale image files, values scaled to [0, 1] by bit depth."""
+
+    def __init__(self, *, root: pathlib.Path, channels: Literal[1, 3] = 3, transform=None) -> None:
+        self.root, self.channels, self.transform = pathlib.Path(root), channels, transform
+        if channels not in (1, 3):
+            raise ValueError(f"ImageFolder: channels={channels} must be 1 or 3")
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"ImageFolder: root '{self.root}' is not a directory")
+        class_dirs = sorted(d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        self.classes = [d.name for d in class_dirs]
+        if class_dirs:
+            candidates = [(f, k) for k, d in enumerate(class_dirs) for f in sorted(d.rglob("*")) if _is_image(f)]
+        else:
+            candidates = [(f, -1) for f in sorted(self.root.iterdir()) if _is_image(f)]
+        self.samples: list[tuple[pathlib.Path, int]] = []
+        self.skipped = 0
+        for path, label in candidates:
+            if _header_ok(path):
+                self.samples.append((path, label))
+            else:
+                self._skip(path, "header does not open")
+        if not self.samples:
+            raise FileNotFoundError(
+                f"ImageFolder: no readable images ({', '.join(EXTENSIONS)}) under '{self.root}' "
+                f"(expected root/<class>/<image>; {self.skipped} unreadable)"
+            )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(len(self.samples)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                image = self._load(path)
+            except Exception as err:  # any decoder error: count it and move on, never crash a run
+                self._skip(path, f"{type(err).__name__}: {err}")
+                continue
+            sample = {"image": image, "label": label, "id": path.relative_to(self.root).as_posix()}
+            return self.transform(sample) if self.transform is not None else sample
+        raise RuntimeError(f"ImageFolder: no file under '{self.root}' decodes ({self.skipped} failures)")
+
+    def _load(self, path: pathlib.Path) -> torch.Tensor:
+        array = tifffile.imread(path) if path.suffix.lower() in (".tif", ".tiff") else _pil_array(path)
+        array = _to_unit_range(array)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
+            raise ValueError(f"expected H x W or H x W x (1-4) pixels, got shape {array.shape}")
+        colour = array[:, :, :3] if array.shape[2] >= 3 else array[:, :, :1]  # drop alpha
+        if self.channels == 1 and colour.shape[2] == 3:
+            colour = colour @ _LUMA[:, None]
+        elif self.channels == 3 and colour.shape[2] == 1:
+            colour = np.repeat(colour, 3, axis=2)
+        return torch.from_numpy(np.ascontiguousarray(colour.transpose(2, 0, 1)))
+
+    def _skip(self, path: pathlib.Path, reason: str) -> None:
+        self.skipped += 1
+        warnings.warn(f"ImageFolder: skipping '{path}' ({reason}); {self.skipped} skipped so far", stacklevel=3)
+
+
+def _is_image(path: pathlib.Path) -> bool:
+    return path.is_file() and path.suffix.lower() in EXTENSIONS and not path.name.startswith(".")
+
+
+def _header_ok(path: pathlib.Path) -> bool:
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            with tifffile.TiffFile(path) as tif:
+                return len(tif.pages) > 0
+        with Image.open(path):  # opening parses the header only
+            return True
+    except Exception:
+        return False
+
+
+def _pil_array(path: pathlib.Path) -> np.ndarray:
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
+            img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
+        array = np.asarray(img)
+        if img.mode == "I" and array.size and array.max() <= 65535 and array.min() >= 0:
+            array = array.astype(np.uint16)  # PIL widens 16-bit PNGs to 32-bit "I"
+        return array
+
+
+def _to_unit_range(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    if array.dtype == np.uint16:
+        return array.astype(np.float32) / 65535.0
+    if array.dtype == bool:
+        return array.astype(np.float32)
+    if np.issubdtype(array.dtype, np.floating):
+        return array.astype(np.float32)
+    raise ValueError(f"unsupported pixel type {array.dtype} (expected uint8, uint16 or float)")
