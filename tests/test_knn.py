@@ -129,3 +129,58 @@ def test_extract_features_restores_training_mode_and_rejects_empty():
     assert model.training
     with pytest.raises(ValueError, match="empty dataset"):
         extract_features(model, _Samples(0), None, batch_size=2, num_workers=0, device="cpu")
+
+
+# ---------------------------------------------------------------------------- `dinocell knn`
+TRAIN_SET = "SyntheticCellPainting:split=train:size=12:image_size=64:n_classes=3"
+TEST_SET = "SyntheticCellPainting:split=test:size=8:image_size=64:n_classes=3"
+
+
+def _tiny_run(tmp_path) -> tuple[str, str, nn.Module]:
+    """A config like a run's config.yaml and an eval dump of a vit_test backbone, as training writes them."""
+    from dinocell.models import build_backbone
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "student: {arch: vit_test, patch_size: 8, in_chans: 5}\ncrops: {global_crops_size: 32, local_crops_size: 16}\n"
+    )
+    torch.manual_seed(123)
+    backbone = build_backbone("vit_test", patch_size=8, in_chans=5)
+    dump = tmp_path / "teacher_checkpoint.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}}, dump)
+    return str(config), str(dump), backbone
+
+
+@pytest.mark.slow
+def test_knn_cli_scores_the_checkpoint(tmp_path, capsys):
+    from dinocell.config import load_config
+    from dinocell.data import make_dataset
+    from dinocell.data.loaders import build_eval_transform
+    from dinocell.eval.knn import main
+
+    config, dump, backbone = _tiny_run(tmp_path)
+    common = ["--config-file", config, "--train", TRAIN_SET, "--test", TEST_SET, "--num-workers", "0"]
+    assert main([*common, "--checkpoint", dump, "--k", "1", "3", "--batch-size", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "loaded eval dump" in out and "12 reference / 8 query samples, 3 classes, T=0.07" in out
+
+    transform = build_eval_transform(load_config(config))
+    (train_x, train_y), (test_x, test_y) = (
+        extract_features(backbone, make_dataset(d), transform, batch_size=4, num_workers=0, device="cpu")
+        for d in (TRAIN_SET, TEST_SET)
+    )
+    for k in (1, 3):
+        top1 = knn_classify(train_x, train_y, test_x, test_y, k=k, temperature=0.07, num_classes=3)
+        assert f"k={k}: top-1 {top1:.2f}%" in out
+
+
+def test_knn_cli_help_and_missing_datasets(tmp_path, capsys):
+    from dinocell.cli import main as dinocell_main
+    from dinocell.eval.knn import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        dinocell_main(["knn", "--help"])
+    assert exit_info.value.code == 0 and "usage: dinocell knn" in capsys.readouterr().out
+    config, _, _ = _tiny_run(tmp_path)
+    with pytest.raises(SystemExit, match="give --train and --test"):
+        main(["--config-file", config, "--train", TRAIN_SET])
