@@ -1,0 +1,137 @@
+"""JUMP Cell Painting from local disk: stain mapping, 16-bit values, bad files, crop reuse, illum, own-index folders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+from s3_server import S2, S4, STAINS, make_gallery, plane, tiff_bytes
+from torch.utils.data import DataLoader
+
+from dinocell.data import make_dataset
+from dinocell.data.datasets.jump import JUMPCellPaintingMultiView
+from dinocell.data.io.bad_files import BadFileError
+from dinocell.data.io.tiff import decode_tiff
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory):
+    return make_gallery(tmp_path_factory.mktemp("gallery"))
+
+
+def key(source: tuple[str, str, str], well: str, site: int) -> str:
+    return "/".join((*source, well, str(site)))
+
+
+def test_decode_tiff_keeps_16_bits_and_names_each_kind_of_bad_file():
+    array = (np.arange(32 * 32).reshape(32, 32) * 60 + 300).astype(np.uint16)
+    data = tiff_bytes(array)
+    decoded = decode_tiff(data, "k")
+    assert decoded.dtype == np.uint16 and np.array_equal(decoded, array) and decoded.max() > 60000
+    cases = {
+        "truncated": data[: len(data) - 100],
+        "zero_filled": bytes(len(data)),
+        "undecodable": b"II*\x00" + bytes(range(256)) * 8,
+    }
+    for reason, broken in cases.items():
+        with pytest.raises(BadFileError) as info:
+            decode_tiff(broken, "s3://b/x.tiff")
+        assert info.value.reason == reason and "s3://b/x.tiff" in str(info.value)
+    with pytest.raises(BadFileError, match="all pixels are 0"):
+        decode_tiff(tiff_bytes(np.zeros((8, 8), np.uint16)), "k")
+
+
+def test_local_mirror_maps_stains_by_name_across_channel_orders(gallery):
+    ds = JUMPCellPaintingMultiView(root=gallery.root, channels=["Mito", "DNA", "agp"], normalization="none")
+    assert len(ds) == 8  # 4 fields per plate, bad ones included until they are read
+    assert ds.bad_field_counts()["total"] == 0
+    for index in range(len(ds)):
+        sample = ds[index]
+        if sample["id"] != ds.field_key(index):
+            continue  # a substituted bad field (checked below)
+        assert sample["image"].dtype == torch.float32 and sample["image"].shape[0] == 3
+        for channel, stain in enumerate(["Mito", "DNA", "AGP"]):
+            expected = plane(sample["id"], stain, sample["image"].shape[-1])  # values > 255: 16 bits kept
+            assert torch.equal(sample["image"][channel], torch.from_numpy(expected.astype(np.float32)))
+        assert sample["label"] == -1 and sample["meta"]["well"] in ("A01", "A02")
+    assert ds.bad_field_counts()["total"] == 2  # missing DNA and zero-filled AGP; the corrupt RNA file is not read
+    # the two plates share well/site names but stay separate fields
+    assert ds.field_key(0) == key(S2, "A01", 1) and ds.field_key(4) == key(S4, "A01", 1)
+
+
+def test_bad_fields_are_counted_and_replaced_by_the_next_good_field(gallery):
+    ds = JUMPCellPaintingMultiView(root=gallery.root, normalization="none")
+    samples = ds.__getitems__(list(range(len(ds))))
+    assert not {s["id"] for s in samples} & set(gallery.bad)
+    assert ds.bad_field_counts() == {
+        "missing": 1, "truncated": 0, "zero_filled": 1, "undecodable": 1, "bad_shape": 0, "unreachable": 0, "total": 3
+    }  # fmt: skip
+    by_key = {ds.field_key(i): s for i, s in enumerate(samples)}
+    # source_2 A02/1 and A02/2 are bad -> both become source_4 A01/1 (the next good field in index order)
+    for bad in (key(S2, "A02", 1), key(S2, "A02", 2)):
+        assert by_key[bad]["id"] == key(S4, "A01", 1) and by_key[bad]["meta"]["substituted_for"] == bad
+    # the last field (source_4 A02/2, missing DNA) wraps around to the first field
+    assert by_key[key(S4, "A02", 2)]["id"] == key(S2, "A01", 1)
+
+
+class CountingReads(JUMPCellPaintingMultiView):
+    reads = 0
+
+    def _read(self, location: str) -> bytes:
+        type(self).reads += 1
+        return super()._read(location)
+
+
+def test_crops_per_field_reuses_one_download(gallery):
+    ds = CountingReads(root=gallery.root, sources=["source_4"], crops_per_field=3, cache_size=4)
+    assert len(ds) == 12
+    before = CountingReads.reads
+    batch = ds.__getitems__([0, 1, 2, 3])
+    assert CountingReads.reads - before == 10  # two fields x 5 stains, not four downloads
+    assert [s["meta"]["crop"] for s in batch] == [0, 1, 2, 0]
+    assert batch[0]["id"] == batch[2]["id"] != batch[3]["id"]
+    ds[1]  # served from the LRU
+    assert CountingReads.reads - before == 10
+
+
+def test_workers_share_bad_field_counts(gallery):
+    ds = JUMPCellPaintingMultiView(root=gallery.root, concurrency=2)
+    loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=list)
+    ids = [s["id"] for batch in loader for s in batch]
+    assert len(ids) == 8 and not set(ids) & set(gallery.bad)
+    assert ds.bad_field_counts()["total"] == 3  # found in the workers, visible in the main process
+
+
+def test_default_percentile_normalisation_and_illumination_correction(gallery):
+    ds = JUMPCellPaintingMultiView(root=gallery.root, sources=["source_2"], normalization="none", illum_correction=True)
+    sample = ds[0]
+    raw = plane(key(S2, "A01", 1), "DNA", 20).astype(np.float32)
+    expected = raw / gallery.illum[S2[2]]["DNA"]
+    assert torch.allclose(sample["image"][0], torch.from_numpy(expected), rtol=1e-6)
+    normalised = JUMPCellPaintingMultiView(root=gallery.root, sources=["source_2"])[0]["image"]
+    assert normalised.min() == 0.0 and normalised.max() == 1.0
+
+
+def test_folder_with_its_own_index(tmp_path):
+    rows = []
+    for site in (1, 2):
+        row = {"Metadata_Plate": "0042", "Metadata_Well": "B03", "Metadata_Site": site}
+        for i, stain in enumerate(STAINS):
+            name = f"img_s{site}_w{i}.tif"
+            (tmp_path / "tiffs").mkdir(exist_ok=True)
+            tifffile.imwrite(tmp_path / "tiffs" / name, plane(f"own/{site}", stain, 16))
+            row[f"FileName_Orig{stain}"], row[f"PathName_Orig{stain}"] = name, "tiffs"
+        rows.append(row)
+    pd.DataFrame(rows).to_csv(tmp_path / "load_data.csv.gz", index=False)
+    ds = make_dataset(f"JUMPCellPaintingMultiView:root={tmp_path}:channels=RNA:normalization=none")
+    assert [f.key for f in ds.fields] == ["local/local/0042/B03/1", "local/local/0042/B03/2"]
+    assert torch.equal(ds[1]["image"][0], torch.from_numpy(plane("own/2", "RNA", 16).astype(np.float32)))
+
+
+def test_dataset_string_filters_and_unknown_stain_error(gallery):
+    ds = make_dataset(f"JUMPCellPaintingMultiView:root={gallery.root}:plates=BR00117035:channels=DNA,RNA")
+    assert len(ds) == 4 and ds[0]["image"].shape == (2, 24, 24)
+    with pytest.raises(ValueError, match="'Actn'.*closest: 'AGP'|'Actn'.*stains are AGP"):
+        JUMPCellPaintingMultiView(root=gallery.root, channels=["DNA", "Actn"])

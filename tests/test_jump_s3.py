@@ -1,0 +1,77 @@
+"""JUMP Cell Painting streamed anonymously from a real S3 API (a local moto server holding the gallery-like tree)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from s3_server import BUCKET, PREFIX, S2, S4, FaultyProxy, MotoServer, make_gallery, moto_server_binary
+
+from dinocell.data import make_dataset
+from dinocell.data.datasets.jump import JUMPCellPaintingMultiView, JUMPS3MultiView
+from dinocell.data.io.bad_files import BadFileError
+from dinocell.data.io.s3 import get_bytes, make_client
+
+if moto_server_binary() is None:
+    pytest.skip("moto_server is not installed (pip install 'moto[server]'): S3 streaming tests skipped",
+                allow_module_level=True)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    gallery = make_gallery(tmp_path_factory.mktemp("gallery"))
+    with MotoServer() as server:
+        server.publish(gallery.root)
+        yield server, gallery
+
+
+def test_s3_and_local_give_identical_fields(s3):
+    server, gallery = s3
+    remote = make_dataset(f"JUMPS3MultiView:endpoint_url={server.endpoint}:normalization=none:concurrency=4")
+    local = JUMPCellPaintingMultiView(root=gallery.root, normalization="none")
+    assert [f.key for f in remote.fields] == [f.key for f in local.fields] and len(remote) == 8
+    remote_samples, local_samples = remote.__getitems__(list(range(8))), local.__getitems__(list(range(8)))
+    for a, b in zip(remote_samples, local_samples):
+        assert a["id"] == b["id"] and torch.equal(a["image"], b["image"])
+    for sample in remote_samples:  # right stain in the right channel, 16-bit values intact
+        for channel, planes in enumerate(gallery.fields[sample["id"]][s] for s in ("DNA", "ER", "RNA", "AGP", "Mito")):
+            assert torch.equal(sample["image"][channel], torch.from_numpy(planes.astype("float32")))
+    assert remote.bad_field_counts() == local.bad_field_counts()
+    assert remote.bad_field_counts()["missing"] == 1 and remote.bad_field_counts()["total"] == 3
+
+
+def test_filters_and_disk_cache(s3, tmp_path):
+    server, gallery = s3
+    ds = JUMPS3MultiView(
+        endpoint_url=server.endpoint, sources=["source_4"], batches=[S4[1]], plates=[S4[2]], channels=["ER"],
+        disk_cache=tmp_path, normalization="none",
+    )  # fmt: skip
+    assert [f.key.split("/")[0] for f in ds.fields] == ["source_4"] * 4
+    ds[0]
+    cached = list(tmp_path.rglob("*.tiff"))
+    assert len(cached) == 1
+    assert cached[0].read_bytes() == (gallery.root / cached[0].relative_to(tmp_path / BUCKET)).read_bytes()
+    with pytest.raises(FileNotFoundError, match="no fields found"):
+        JUMPS3MultiView(endpoint_url=server.endpoint, sources=["source_2"], plates=["nope"])
+
+
+def test_throttling_is_retried(s3):
+    server, gallery = s3
+    with FaultyProxy(server.port, fail_first=2) as proxy:
+        ds = JUMPS3MultiView(endpoint_url=proxy.endpoint, sources=["source_2"], channels=["DNA"], normalization="none")
+        sample = ds[0]
+        assert proxy.failed == 2  # the index and the first image got 503 SlowDown first
+    assert sample["id"] == "/".join((*S2, "A01", "1"))
+    assert torch.equal(sample["image"][0], torch.from_numpy(gallery.fields[sample["id"]]["DNA"].astype("float32")))
+    assert ds.bad_field_counts()["total"] == 0
+
+
+def test_persistent_failures_become_unreachable_and_404_is_missing(s3):
+    server, _ = s3
+    with FaultyProxy(server.port, fail_first=1000) as proxy:
+        client = make_client(proxy.endpoint, anonymous=True, max_connections=2)
+        with pytest.raises(BadFileError) as info:
+            get_bytes(client, BUCKET, f"{PREFIX}/anything.tif", retries=2, base_delay_s=0.01)
+        assert info.value.reason == "unreachable" and proxy.failed == 3
+    with pytest.raises(BadFileError) as info:
+        get_bytes(make_client(server.endpoint, True, 2), BUCKET, f"{PREFIX}/does/not/exist.tif")
+    assert info.value.reason == "missing"
