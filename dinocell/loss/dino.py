@@ -38,8 +38,8 @@ def dino_loss(
         )
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
-        cross = -torch.einsum("sbk,tbk->st", log_p, teacher_probs.float())  # summed over images and prototypes
-        if ignore_diagonal:
-            same_crop = torch.eye(n_student, n_teacher, dtype=torch.bool, device=cross.device)
-            cross = cross.masked_fill(same_crop, 0.0)
-        return cross.sum() / (batch * n_pairs)
+        if not ignore_diagonal:
+            return -torch.einsum("sbk,tbk->", log_p, teacher_probs.float()) / (batch * n_pairs)
+        cross = -torch.einsum("sbk,tbk->st", log_p, teacher_probs.float())  # per crop pair, summed over b and k
+        same_crop = torch.eye(n_student, n_teacher, dtype=torch.bool, device=cross.device)
+        return cross.masked_fill(same_crop, 0.0).sum() / (batch * n_pairs)
