@@ -197,11 +197,8 @@ class MultiCropTransform:
         channel = rng.randrange(n_channels)
         crop, mean, std = take_view(field.region(top, left, h, w, size), view, channel, s.channel_mean, s.channel_std)
         crop = resize(crop, size)
-        geometry = (
-            s.horizontal_flips and rng.random() < 0.5,
-            s.vertical_flips and rng.random() < 0.5,
-            rng.randrange(4) if s.rotate90 else 0,
-        )
+        hflip, vflip, turns = rng.random() < 0.5, rng.random() < 0.5, rng.randrange(4)
+        geometry = (s.horizontal_flips and hflip, s.vertical_flips and vflip, turns if s.rotate90 else 0)
         crop = flip_rotate(crop, *geometry)
         if s.photometric_aug:
             crop = self._photometric(crop, group, rng)
@@ -213,31 +210,41 @@ class MultiCropTransform:
         return to_in_chans(crop, s.in_chans)
 
     def _photometric(self, crop: torch.Tensor, group: str, rng: random.Random) -> torch.Tensor:
+        """Every parameter is drawn whether or not its op fires, so one probability never shifts the other draws."""
         s = self.s
         n = crop.shape[0]
-        if rng.random() < s.intensity_aug_probability:
-            ranges = (s.brightness_range, s.contrast_range, s.gamma_range)
-            factors = [torch.tensor([rng.uniform(*r) for _ in range(n)]) for r in ranges]
+        intensity = rng.random() < s.intensity_aug_probability
+        ranges = (s.brightness_range, s.contrast_range, s.gamma_range)
+        factors = [torch.tensor([rng.uniform(*r) for _ in range(n)]) for r in ranges]
+        if intensity:
             crop = adjust_intensity(crop, *factors)
         if s.rgb_color_aug:
-            if n != 3:
-                raise ValueError(
-                    f"crops.rgb_color_aug=true needs 3-channel RGB crops but crop group {group} has {n} channel(s); "
-                    "set crops.rgb_color_aug=false for non-RGB data or use channel view 'all' on RGB images"
-                )
-            if rng.random() < RGB_JITTER_PROBABILITY:
-                *strengths, hue = RGB_JITTER
-                factors = [rng.uniform(1 - strength, 1 + strength) for strength in strengths]
-                crop = rgb_color_jitter(crop, *factors, rng.uniform(-hue, hue))
-            if rng.random() < RGB_GRAYSCALE_PROBABILITY:
-                crop = rgb_to_grayscale(crop)
-        if rng.random() < s.blur_probability[group]:
-            crop = gaussian_blur(crop, rng.uniform(*s.blur_sigma))
+            crop = self._rgb_color(crop, group, rng)
+        blur, sigma = rng.random() < s.blur_probability[group], rng.uniform(*s.blur_sigma)
+        if blur:
+            crop = gaussian_blur(crop, sigma)
         if rng.random() < s.solarization_probability[group]:
             crop = solarize(crop, s.solarization_threshold)
-        if rng.random() < s.noise_probability[group]:
-            generator = torch.Generator().manual_seed(rng.getrandbits(63))
-            crop = add_gaussian_noise(crop, rng.uniform(*s.noise_std), generator)
+        noise = rng.random() < s.noise_probability[group]
+        noise_std, noise_seed = rng.uniform(*s.noise_std), rng.getrandbits(63)
+        if noise:
+            crop = add_gaussian_noise(crop, noise_std, torch.Generator().manual_seed(noise_seed))
+        return crop
+
+    def _rgb_color(self, crop: torch.Tensor, group: str, rng: random.Random) -> torch.Tensor:
+        if crop.shape[0] != 3:
+            raise ValueError(
+                f"crops.rgb_color_aug=true needs 3-channel RGB crops but crop group {group} has {crop.shape[0]} "
+                "channel(s); set crops.rgb_color_aug=false for non-RGB data or use channel view 'all' on RGB images"
+            )
+        jitter = rng.random() < RGB_JITTER_PROBABILITY
+        *strengths, hue = RGB_JITTER
+        factors = [rng.uniform(1 - strength, 1 + strength) for strength in strengths]
+        hue_shift = rng.uniform(-hue, hue)
+        if jitter:
+            crop = rgb_color_jitter(crop, *factors, hue_shift)
+        if rng.random() < RGB_GRAYSCALE_PROBABILITY:
+            crop = rgb_to_grayscale(crop)
         return crop
 
 
