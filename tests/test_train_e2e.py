@@ -141,3 +141,42 @@ def test_too_many_nonfinite_steps_stop_without_poisoned_checkpoint(tmp_path, mon
     good = torch.load(tmp_path / "run" / "ckpt" / "2" / "checkpoint.pth", weights_only=True)
     for key, value in good["model"].items():
         assert torch.equal(value, state["model"][key]), key  # skipped steps leave the model untouched
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(output_dir: Path, *extra: str) -> list[str]:
+    """Trainer arguments of the 2-process test: no drop path, no RoPE augmentation (both draw per process).
+
+    LayerScale 0.1 instead of 1e-5: with 1e-5 every image's cls token starts almost identical, KoLeo's nearest-neighbour
+    distances are ~1e-5 and fp32 summation-order differences (batch 2 vs 4) are amplified beyond 1e-5.
+    """
+    no_randomness = ["student.drop_path_rate=0.0", "student.pos_embed_rope_rescale_coords=null"]
+    return [f"--output-dir={output_dir}", *TINY, *no_randomness, "student.layerscale=0.1", *extra]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_double_batch(tmp_path):
+    """torchrun 2 x batch 2 (gloo, CPU) gives the losses of 1 x batch 4 (KoLeo over the global batch, Sinkhorn too)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "dinocell.train", *_cli(tmp_path / "one", "train.batch_size_per_gpu=4")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+         "-m", "dinocell.train", *_cli(tmp_path / "two", "train.batch_size_per_gpu=2")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert len(a) == len(b) == 6
+    for ra, rb in zip(a, b):
+        for field in ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss"):
+            assert rb[field] == pytest.approx(ra[field], abs=1e-5), (ra["iteration"], field)
+        assert rb["images_per_s"] > 0 and rb["lr"] == ra["lr"]  # same global batch -> same scaled lr
