@@ -232,6 +232,16 @@ def test_koleo_identical_points_are_finite():
     assert loss.item() == pytest.approx(-math.log(2e-8 + 1e-8), rel=1e-5)
 
 
+def test_losses_run_in_fp32_under_autocast():
+    student = torch.randn(2, 3, 8).bfloat16()
+    teacher = torch.softmax(torch.randn(2, 3, 8), -1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = dino_loss(student, teacher), koleo_loss(student[0])
+    assert all(v.dtype == torch.float32 for v in inside)
+    torch.testing.assert_close(inside[0], dino_loss(student.float(), teacher))
+    torch.testing.assert_close(inside[1], koleo_loss(student[0].float()))
+
+
 # ---------------------------------------------------------------------------- distributed (2 gloo processes)
 def _free_port() -> int:
     with socket.socket() as s:
@@ -239,8 +249,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _distributed_worker(rank: int, port: int, logits: torch.Tensor, split: int, out_dir: str) -> None:
+def _distributed_worker(
+    rank: int, port: int, logits: torch.Tensor, split: int, feats: torch.Tensor, out_dir: str
+) -> None:
     import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -248,17 +261,31 @@ def _distributed_worker(rank: int, port: int, logits: torch.Tensor, split: int, 
         part = logits[:split] if rank == 0 else logits[split:]
         probs = sinkhorn_knopp(part, temp=0.2)
         center = update_center(torch.zeros(1, logits.shape[1]), part, momentum=0.9)
-        torch.save({"probs": probs, "center": center}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # distributed KoLeo as the trainer does it: neighbours over the autograd-gathered global batch
+        b = feats.shape[0] // 2
+        x = feats[rank * b : (rank + 1) * b].clone().requires_grad_(True)
+        koleo = koleo_loss(x, candidates=torch.cat(dist_fn.all_gather(x)), offset=rank * b)
+        koleo.backward()
+        result = {"probs": probs, "center": center, "koleo": koleo.detach(), "koleo_grad": x.grad}
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_distributed_sinkhorn_and_center_equal_single_process(tmp_path):
+def test_distributed_losses_equal_single_process(tmp_path):
     logits = torch.randn(10, 6)
     split = 3  # unequal shares (3 and 7 rows) as with iBOT masked patches
-    mp.spawn(_distributed_worker, args=(_free_port(), logits, split, str(tmp_path)), nprocs=2, join=True)
+    feats = torch.randn(8, 5)
+    mp.spawn(_distributed_worker, args=(_free_port(), logits, split, feats, str(tmp_path)), nprocs=2, join=True)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     torch.testing.assert_close(torch.cat([p["probs"] for p in parts]), sinkhorn_knopp(logits, temp=0.2))
     single_center = update_center(torch.zeros(1, 6), logits, momentum=0.9)
     for p in parts:
         torch.testing.assert_close(p["center"], single_center)
+    # KoLeo: the mean of the rank losses is the single-process loss, and rank gradients (summed back to the owner
+    # by the all-gather; DDP then averages over 2 ranks) are the single-process gradient
+    x = feats.clone().requires_grad_(True)
+    single = koleo_loss(x)
+    single.backward()
+    torch.testing.assert_close((parts[0]["koleo"] + parts[1]["koleo"]) / 2, single.detach())
+    torch.testing.assert_close(torch.cat([p["koleo_grad"] for p in parts]) / 2, x.grad)
