@@ -272,6 +272,7 @@ def _distributed_worker(
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_losses_equal_single_process(tmp_path):
     logits = torch.randn(10, 6)
     split = 3  # unequal shares (3 and 7 rows) as with iBOT masked patches
