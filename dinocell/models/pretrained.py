@@ -159,10 +159,11 @@ def backbone_state_dict(obj: Mapping) -> tuple[dict, str]:
 
 def pi_resize_patch_kernel(weight: torch.Tensor, new_size: int) -> torch.Tensor:
     """Resample a [D, C, p, p] patch kernel to [D, C, q, q] so that <resize(x), new> ~= <x, old> for a patch x
-    (FlexiViT's pseudo-inverse resize; resize = bilinear with antialiasing, as F.interpolate(antialias=True))."""
+    (FlexiViT's pseudo-inverse resize). resize = bilinear without antialiasing: for 16 -> 8 that is 2x2 averaging,
+    which stays inside a patch (so it equals resizing the whole image) and keeps constant patches exact."""
     old_size = weight.shape[-1]
     basis = torch.eye(old_size * old_size, dtype=torch.float64).reshape(-1, 1, old_size, old_size)
-    resize = F.interpolate(basis, size=(new_size, new_size), mode="bilinear", align_corners=False, antialias=True)
+    resize = F.interpolate(basis, size=(new_size, new_size), mode="bilinear", align_corners=False, antialias=False)
     resize_matrix = resize.reshape(old_size * old_size, new_size * new_size)  # row i = resize(e_i) = A^T[i]
     flat = weight.to(torch.float64).reshape(-1, old_size * old_size).T  # [p*p, D*C]
     new = torch.linalg.pinv(resize_matrix) @ flat  # [q*q, D*C]
