@@ -1,0 +1,100 @@
+"""`dinocell mean-std`: per-channel mean and std of a dataset over a random fraction of its images (scDINO step).
+
+The JSON it writes (`{"mean": [...], "std": [...], ...}`) is what `SingleCellFolder:stats=...` reads. Images are
+loaded by DataLoader workers, each of which reduces its images to per-channel sums in float64, so the main process
+only adds small vectors and images of different sizes need no padding. The std is the population std over all
+pixels of the chosen images (every pixel weighs the same, as in scDINO).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+
+class _ChannelSums(Dataset):
+    """Item i -> (sum [C], sum of squares [C], pixel count) of the wrapped dataset's image, in float64."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image = self.dataset[self.indices[i]]["image"].double()
+        flat = image.reshape(image.shape[0], -1)
+        return flat.sum(1), (flat * flat).sum(1), flat.shape[1]
+
+
+def _add_up(items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Collate in the worker: (sums, squares, pixels, images) of a batch."""
+    channels = {s.shape[0] for s, _, _ in items}
+    if len(channels) != 1:
+        raise ValueError(f"images have different channel counts {sorted(channels)}; select channels explicitly")
+    return sum(s for s, _, _ in items), sum(q for _, q, _ in items), sum(n for _, _, n in items), len(items)
+
+
+def choose_indices(n: int, fraction: float, seed: int) -> list[int]:
+    """A seeded random subset of round(fraction * n) indices (at least 1), in ascending order."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"--fraction {fraction} must be in (0, 1], e.g. 0.2")
+    count = max(1, round(fraction * n))
+    return sorted(np.random.default_rng(seed).choice(n, size=count, replace=False).tolist())
+
+
+def compute_mean_std(
+    dataset: Dataset, fraction: float = 0.2, seed: int = 0, num_workers: int = 0, batch_size: int = 16
+) -> dict:
+    """Per-channel mean/std over a random `fraction` of `dataset` (progress bar on stderr)."""
+    indices = choose_indices(len(dataset), fraction, seed)
+    loader = DataLoader(
+        _ChannelSums(dataset, indices), batch_size=batch_size, num_workers=num_workers, collate_fn=_add_up
+    )
+    total = squares = None
+    pixels = 0
+    with tqdm(total=len(indices), desc="mean-std", unit="img") as bar:
+        for s, q, n, images in loader:
+            if total is not None and s.shape != total.shape:
+                raise ValueError(f"images have different channel counts ({len(total)} and {len(s)})")
+            total, squares = (s, q) if total is None else (total + s, squares + q)
+            pixels += n
+            bar.update(images)
+    mean = total / pixels
+    std = (squares / pixels - mean * mean).clamp_min(0).sqrt()
+    return {"mean": mean.tolist(), "std": std.tolist(), "n_images": len(indices), "n_pixels": pixels}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dinocell mean-std",
+        description="Per-channel dataset mean/std over a random fraction of the images, written as JSON "
+        '{"mean": [...], "std": [...]} for SingleCellFolder:stats=FILE. Give the dataset string without stats= '
+        "(the statistics are of the min-max normalised images).",
+    )
+    parser.add_argument("dataset", help="dataset string, e.g. SingleCellFolder:root=/data/cells:channels=0,1,2,3,4")
+    parser.add_argument("--fraction", type=float, default=0.2, help="share of images to use (default 0.2)")
+    parser.add_argument("--out", type=Path, default=Path("stats.json"), help="output JSON (default stats.json)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the image subset (default 0)")
+    parser.add_argument(
+        "--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes (default min(8, CPUs))"
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="images per worker task (default 16)")
+    args = parser.parse_args(argv)
+
+    from dinocell.data import make_dataset
+
+    dataset = make_dataset(args.dataset)
+    stats = compute_mean_std(dataset, args.fraction, args.seed, args.num_workers, args.batch_size)
+    stats.update(dataset=args.dataset, fraction=args.fraction, seed=args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"mean {[round(m, 4) for m in stats['mean']]} std {[round(s, 4) for s in stats['std']]} -> {args.out}")
+    return 0

@@ -1,0 +1,48 @@
+"""`dinocell mean-std`: JSON equals a direct numpy computation over the same random subset; CLI and workers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_single_cell import make_cells, minmax
+
+from dinocell.cli import main as cli_main
+from dinocell.data.mean_std import choose_indices
+
+
+def direct(written: dict, ids: list[str], channels: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    pixels = np.concatenate([minmax(written[i])[channels].reshape(len(channels), -1) for i in ids], axis=1)
+    return pixels.mean(1), pixels.std(1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mean_std_json_matches_numpy(tmp_path, workers, capsys):
+    written = make_cells(tmp_path / "cells", n_per_class=5)
+    out = tmp_path / "stats.json"
+    dataset = f"SingleCellFolder:root={tmp_path / 'cells'}:channels=0,1,3"
+    code = cli_main(["mean-std", dataset, "--fraction", "0.4", "--out", str(out), "--num-workers", str(workers),
+                     "--batch-size", "3", "--seed", "5"])  # fmt: skip
+    assert code == 0
+    stats = json.loads(out.read_text())
+    ids = sorted(written)  # the dataset's file order
+    chosen = [ids[i] for i in choose_indices(len(ids), 0.4, seed=5)]
+    mean, std = direct(written, chosen, [0, 1, 3])
+    assert stats["n_images"] == 4 and stats["n_pixels"] == 4 * 12 * 12
+    np.testing.assert_allclose(stats["mean"], mean, rtol=1e-9)
+    np.testing.assert_allclose(stats["std"], std, rtol=1e-7)
+    assert "mean [" in capsys.readouterr().out
+
+
+def test_choose_indices_and_bad_fraction():
+    assert choose_indices(10, 0.2, 0) == choose_indices(10, 0.2, 0) and len(choose_indices(10, 0.2, 0)) == 2
+    assert len(choose_indices(3, 0.01, 0)) == 1
+    with pytest.raises(ValueError, match="--fraction 1.5 must be in"):
+        choose_indices(10, 1.5, 0)
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main(["mean-std", "--help"])
+    assert info.value.code == 0 and "--fraction" in capsys.readouterr().out

@@ -1,0 +1,86 @@
+"""SingleCellFolder (scDINO): labels from folders, TIFF layouts, channel selection, min-max, stats JSON."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from dinocell.data import make_dataset
+from dinocell.data.datasets.single_cell import SingleCellFolder, channels_first
+
+
+def make_cells(root, layout="last", n_per_class=3, channels=5, size=12, nested=False):
+    """root/<class>/[plate/]cell_k.tif with uint16 values; returns {relative id: [C, H, W] array}."""
+    rng = np.random.default_rng(0)
+    written = {}
+    for cls in ("B_cell", "T_cell"):
+        for k in range(n_per_class):
+            chw = rng.integers(100, 40000, (channels, size, size)).astype(np.uint16)
+            chw[2] = 7  # a flat channel: min-max gives 0
+            folder = root / cls / "plate1" if nested else root / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"cell_{k}.tiff" if k % 2 else f"cell_{k}.tif"
+            tifffile.imwrite(folder / name, np.moveaxis(chw, 0, -1) if layout == "last" else chw)
+            written[(folder / name).relative_to(root).as_posix()] = chw
+    return written
+
+
+def minmax(chw):
+    x = chw.astype(np.float64)
+    lo, hi = x.min((1, 2), keepdims=True), x.max((1, 2), keepdims=True)
+    return np.where(hi > lo, (x - lo) / np.where(hi > lo, hi - lo, 1), 0.0)
+
+
+@pytest.mark.parametrize("layout", ["last", "first"])
+def test_labels_channels_and_minmax(tmp_path, layout):
+    written = make_cells(tmp_path, layout)
+    ds = make_dataset(f"scDINO:root={tmp_path}:channels=4,0,2")
+    assert ds.classes == ["B_cell", "T_cell"] and len(ds) == 6
+    for i in range(len(ds)):
+        sample = ds[i]
+        expected = minmax(written[sample["id"]])[[4, 0, 2]]
+        assert sample["label"] == (0 if sample["id"].startswith("B_cell") else 1)
+        assert sample["image"].shape == (3, 12, 12)
+        np.testing.assert_allclose(sample["image"].numpy(), expected, atol=1e-6)
+        assert float(sample["image"][2].abs().max()) == 0.0  # flat channel stays 0
+
+
+def test_label_depth_and_bad_channel_index(tmp_path):
+    make_cells(tmp_path, nested=True)
+    assert SingleCellFolder(root=tmp_path).classes == ["plate1"]
+    assert SingleCellFolder(root=tmp_path, label_depth=1).classes == ["B_cell", "T_cell"]
+    with pytest.raises(ValueError, match="no class folder 2 level"):
+        SingleCellFolder(root=tmp_path, label_depth=2)
+    with pytest.raises(ValueError, match=r"channels=\[7\] but .* has 5 channels \(valid indices 0..4\)"):
+        SingleCellFolder(root=tmp_path, channels=[7])[0]
+
+
+def test_stats_json_applied_after_minmax(tmp_path):
+    written = make_cells(tmp_path / "data")
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"mean": [0.5, 0.25], "std": [0.2, 0.1]}))
+    ds = SingleCellFolder(root=tmp_path / "data", channels=[0, 1], stats=stats)
+    sample = ds[0]
+    mean, std = np.array([0.5, 0.25]).reshape(2, 1, 1), np.array([0.2, 0.1]).reshape(2, 1, 1)
+    expected = (minmax(written[sample["id"]])[:2] - mean) / std
+    np.testing.assert_allclose(sample["image"].numpy(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="has 2 channels, but channels=\\[0, 1, 3\\] selects 3"):
+        SingleCellFolder(root=tmp_path / "data", channels=[0, 1, 3], stats=stats)
+
+
+def test_undecodable_file_is_skipped_and_counted(tmp_path):
+    make_cells(tmp_path, n_per_class=2)
+    (tmp_path / "B_cell" / "cell_0.tif").write_bytes(b"not a tiff")
+    ds = SingleCellFolder(root=tmp_path)
+    assert ds[0]["id"] == "B_cell/cell_1.tiff" and ds.bad_file_counts()["undecodable"] == 1
+
+
+def test_channels_first_detection():
+    assert channels_first(np.zeros((20, 20, 5))).shape == (5, 20, 20)
+    assert channels_first(np.zeros((5, 20, 20))).shape == (5, 20, 20)
+    assert channels_first(np.zeros((20, 20))).shape == (1, 20, 20)
+    tie = np.arange(27).reshape(3, 3, 3)
+    assert np.array_equal(channels_first(tie), tie)  # ties are read as channel-first
