@@ -184,3 +184,5 @@ def test_knn_cli_help_and_missing_datasets(tmp_path, capsys):
     config, _, _ = _tiny_run(tmp_path)
     with pytest.raises(SystemExit, match="give --train and --test"):
         main(["--config-file", config, "--train", TRAIN_SET])
+    with pytest.raises(SystemExit, match="vit_small"):  # a config error names the closest valid value
+        main(["--arch", "vit_smal", "--train", TRAIN_SET, "--test", TEST_SET])

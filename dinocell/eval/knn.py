@@ -119,13 +119,16 @@ def _num_classes(datasets: list, labels: list[torch.Tensor]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # imported here so that `--help` is instant and the pure k-NN function needs no models or data
-    from dinocell.config import load_config
+    from dinocell.config import ConfigError, load_config
     from dinocell.data import make_dataset
     from dinocell.data.loaders import build_eval_transform
     from dinocell.eval.features import extract_features
     from dinocell.models import build_backbone, load_pretrained
 
-    cfg = load_config(args.config_file, _overrides(args))
+    try:
+        cfg = load_config(args.config_file, _overrides(args))
+    except ConfigError as error:
+        raise SystemExit(f"dinocell knn: {error}") from None
     ev = cfg.evaluation
     # dataset strings are used verbatim (not passed through the config parser, which would read e.g. '${' or '[')
     dataset_strings = [args.train or ev.knn_train_dataset, args.test or ev.knn_test_dataset]
