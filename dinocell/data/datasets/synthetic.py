@@ -117,7 +117,7 @@ def _render(rng: np.random.Generator, size: int, radius: float, phenotype: np.nd
     cells = _cell_geometry(rng, centres, radius, p)
     half = int(cells["a"].max() * 1.3) + 3
     pad = half + int(spacing) + 2
-    canvas = np.zeros((4, size + 2 * pad, size + 2 * pad), np.float32)  # nucleus, ER base, RNA, AGP
+    canvas = np.zeros((5, size + 2 * pad, size + 2 * pad), np.float32)  # nucleus, ER base, RNA, AGP, Mito
     for start in range(0, len(centres), 64):  # chunks bound the memory of the [cells, 4, W, W] windows
         chunk = {k: v[start : start + 64] for k, v in cells.items()}
         windows = _cell_windows(chunk, half, p)
@@ -126,11 +126,9 @@ def _render(rng: np.random.Generator, size: int, radius: float, phenotype: np.nd
     canvas = canvas[:, pad : pad + size, pad : pad + size]
     fine, coarse = _noise(rng, size, 2.0), _noise(rng, size, 8.0)
     er_texture = (1.0 - p["er_coarseness"]) * fine + p["er_coarseness"] * coarse
-    fields = np.empty((5, size, size), np.float32)
-    fields[_DNA] = canvas[0] * (0.75 + 0.5 * fine)
-    fields[_ER] = canvas[1] * (0.2 + 1.3 * er_texture**2)
-    fields[_RNA], fields[_AGP] = canvas[2], canvas[3]
-    fields[_MITO] = 0.0
+    fields = canvas * rng.lognormal(0.0, 0.5, (5, 1, 1)).astype(np.float32)  # staining: diffuse vs spot share
+    fields[_DNA] *= 0.75 + 0.5 * fine
+    fields[_ER] *= 0.2 + 1.3 * er_texture**2
     _splat(fields, _spots(rng, cells, radius, p), sigma=max(radius / 20.0, 0.6))
     inside = ((centres >= 0) & (centres < size)).all(axis=1)
     return _acquire(rng, fields), {"n_cells": int(inside.sum())}
@@ -142,7 +140,7 @@ def _cell_centres(rng: np.random.Generator, size: int, spacing: float) -> np.nda
     gy, gx = np.meshgrid(np.arange(n_grid), np.arange(n_grid), indexing="ij")
     y = gy - 0.5 + rng.uniform(-0.35, 0.35, gy.shape)
     x = gx - 0.5 + 0.5 * (gy % 2) + rng.uniform(-0.35, 0.35, gx.shape)
-    keep = rng.random(gy.shape) < rng.uniform(0.5, 0.95)
+    keep = rng.random(gy.shape) < rng.uniform(0.3, 1.0)
     centres = (np.stack([y[keep], x[keep]], axis=1) * spacing).astype(np.float32)
     return centres[((centres >= -spacing) & (centres < size + spacing)).all(axis=1)]
 
@@ -173,7 +171,7 @@ def _cell_geometry(rng: np.random.Generator, centres: np.ndarray, radius: float,
 
 
 def _cell_windows(c: dict[str, np.ndarray], half: int, p: dict) -> np.ndarray:
-    """[n, 4, W, W] smooth compartments of each cell around its integer centre: nucleus, ER base, RNA, AGP."""
+    """[n, 5, W, W] diffuse compartments of each cell around its integer centre, in channel order."""
     d = np.arange(-half, half + 1, dtype=np.float32)
     col = lambda x: x[:, None, None]  # noqa: E731
     dy = d[None, :, None] - col(c["offset"][:, 0])
@@ -200,14 +198,15 @@ def _cell_windows(c: dict[str, np.ndarray], half: int, p: dict) -> np.ndarray:
 
     bright = c["bright"][:, :, None, None]
     perinuclear = np.exp(-np.maximum(rho_n - 1.0, 0.0) * 0.8)
-    ring = np.exp(-(inside**2)) * (inside > -0.45 * b / 1.5)
-    fibres = np.square(np.square(0.5 + 0.5 * np.cos(2 * math.pi / 4.0 * v + col(c["fibre_phase"]))))
+    ring = np.exp(-np.square(inside / 1.3)) * (inside > -0.45 * b / 1.5)  # cortical actin and membrane band
+    fibres = np.square(0.5 + 0.5 * np.cos(2 * math.pi / 4.0 * v + col(c["fibre_phase"])))
     w_fib = p["actin_fibres"]
-    out = np.empty((len(u), 4, *u.shape[1:]), np.float32)
-    out[:, 0] = bright[:, _DNA] * nucleus
-    out[:, 1] = bright[:, _ER] * cyto * perinuclear
-    out[:, 2] = bright[:, _RNA] * (0.25 * cyto + 0.35 * nucleus)
-    out[:, 3] = bright[:, _AGP] * (0.9 * (1 - w_fib) * ring + 1.2 * w_fib * fibres * cyto)
+    out = np.empty((len(u), 5, *u.shape[1:]), np.float32)
+    out[:, _DNA] = bright[:, _DNA] * nucleus
+    out[:, _ER] = bright[:, _ER] * cyto * perinuclear
+    out[:, _RNA] = bright[:, _RNA] * (0.25 * cyto + 0.35 * nucleus)
+    out[:, _AGP] = bright[:, _AGP] * (0.9 * (1 - w_fib) * ring + 1.2 * w_fib * fibres * cyto)
+    out[:, _MITO] = bright[:, _MITO] * 0.1 * cyto
     return out
 
 
@@ -311,8 +310,9 @@ def _splat(fields: np.ndarray, rows: np.ndarray, sigma: float) -> None:
 
 
 def _acquire(rng, fields: np.ndarray) -> np.ndarray:
-    """Microscope nuisances: per-channel gain and background, an illumination ramp, shot and read noise -> uint16."""
+    """Microscope nuisances: per-channel response curve, gain and background, illumination ramp, noise -> uint16."""
     size = fields.shape[-1]
+    fields = fields ** np.exp(rng.uniform(math.log(0.6), math.log(1.6), (5, 1, 1))).astype(np.float32)
     gain = np.exp(rng.uniform(math.log(0.4), math.log(2.5), (5, 1, 1))).astype(np.float32) * 6000.0
     background = rng.uniform(100.0, 800.0, (5, 1, 1)).astype(np.float32)
     ramp_dir = rng.uniform(0, 2 * math.pi)
