@@ -21,8 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / "configs" / "ssl_default_config.yaml"
 BASE_KEY = "_base_"
 
-# key -> type its non-null value must have, for keys that may be null
-NULLABLE_TYPES: dict[str, type] = {
+# key -> type its non-null value must have, for keys that may be null ((list, float): a list of numbers)
+NULLABLE_TYPES: dict[str, Any] = {
+    "crops.channel_mean": (list, float),
+    "crops.channel_std": (list, float),
     "student.layerscale": float,
     "student.pos_embed_rope_shift_coords": float,
     "student.pos_embed_rope_jitter_coords": float,

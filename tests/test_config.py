@@ -1,0 +1,169 @@
+"""Configuration: merge order, _base_ chains, override types, unknown keys with suggestions, type and value errors."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+from omegaconf import OmegaConf
+
+from dinocell.config import (
+    AT_MOST_ONE,
+    CHOICES,
+    DEFAULT_CONFIG,
+    NON_NEGATIVE,
+    NULLABLE_TYPES,
+    POSITIVE,
+    UNIT_RANGES,
+    ConfigError,
+    config_to_yaml,
+    load_config,
+    save_config,
+    validate_config,
+)
+
+
+def write(path: pathlib.Path, text: str) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults_alone_are_valid_and_match_the_yaml():
+    cfg = load_config()
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIG))
+    assert cfg.train.dataset_path == "SyntheticCellPainting"
+
+
+def test_merge_order_default_then_base_chain_then_file_then_command_line(tmp_path):
+    write(tmp_path / "bases/root.yaml", "train:\n  batch_size_per_gpu: 8\n  seed: 1\noptim:\n  epochs: 5\n")
+    write(tmp_path / "bases/mid.yaml", "_base_: root.yaml\ntrain:\n  seed: 2\n")
+    exp = write(tmp_path / "exp.yaml", "_base_: bases/mid.yaml\noptim:\n  epochs: 7\n")
+    cfg = load_config(exp, ["optim.epochs=9", "crops.local_crops_number=6"])
+    assert cfg.train.batch_size_per_gpu == 8  # from the grand-parent
+    assert cfg.train.seed == 2  # parent beats grand-parent
+    assert cfg.optim.epochs == 9  # command line beats the file (7) and its base (5)
+    assert cfg.crops.local_crops_number == 6
+    assert cfg.optim.lr == 1.0e-3  # untouched default
+    assert "_base_" not in cfg
+
+
+def test_override_types(tmp_path):
+    cfg = load_config(
+        overrides=[
+            "train.batch_size_per_gpu=32",
+            "crops.global_crops_scale=[0.4,1]",
+            "optim.lr=1",
+            "student.pretrained_weights=/w/teacher_checkpoint.pth",
+            "student.layerscale=null",
+            "train.dataset_path=ImageFolder:root=/data/imgs:channels=1",
+            "crops.channel_mean=[0.5,0.5,0.5,0.5,0.5]",
+        ]
+    )
+    assert cfg.train.batch_size_per_gpu == 32
+    assert cfg.crops.global_crops_scale == [0.4, 1.0] and isinstance(cfg.crops.global_crops_scale[1], float)
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1.0
+    assert cfg.student.pretrained_weights == "/w/teacher_checkpoint.pth"
+    assert cfg.student.layerscale is None
+    assert cfg.train.dataset_path == "ImageFolder:root=/data/imgs:channels=1"
+
+
+def test_unknown_keys_name_the_source_and_the_closest_key(tmp_path):
+    suggestion = r"'train\.batch_size' in the command line\. Did you mean 'train\.batch_size_per_gpu'"
+    with pytest.raises(ConfigError, match=suggestion):
+        load_config(overrides=["train.batch_size=3"])
+    with pytest.raises(ConfigError, match=r"'trian\.seed' in the command line\. Did you mean 'train\.seed'"):
+        load_config(overrides=["trian.seed=3"])
+    exp = write(tmp_path / "exp.yaml", "crops:\n  local_crop_number: 4\n")
+    suggestion = r"'crops\.local_crop_number' in config file '.*exp\.yaml'\. Did you mean 'crops\.local_crops_number'"
+    with pytest.raises(ConfigError, match=suggestion):
+        load_config(exp)
+    write(tmp_path / "base.yaml", "optim:\n  learning_rate: 0.1\n")
+    child = write(tmp_path / "child.yaml", "_base_: base.yaml\n")
+    with pytest.raises(ConfigError, match=r"'optim\.learning_rate' in config file '.*base\.yaml'"):
+        load_config(child)
+    with pytest.raises(ConfigError, match=r"'train' in the command line is a section"):
+        load_config(overrides=["train=3"])
+
+
+def test_base_errors(tmp_path):
+    write(tmp_path / "a.yaml", "_base_: b.yaml\n")
+    write(tmp_path / "b.yaml", "_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(tmp_path / "a.yaml")
+    write(tmp_path / "c.yaml", "_base_: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing\.yaml' does not exist \(named as _base_ in .*c\.yaml\)"):
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.batch_size_per_gpu=abc", r"batch_size_per_gpu='abc' \(set in the command line\): expected an integer"),
+        ("train.batch_size_per_gpu=1.5", "expected an integer"),
+        ("train.batch_size_per_gpu=0", r"train\.batch_size_per_gpu=0 .*must be > 0"),
+        ("crops.local_crops_number=-1", "must be >= 0"),
+        ("optim.lr=-1e-3", r"optim\.lr=-0\.001 .*must be > 0"),
+        ("dino.koleo_loss_weight=true", "expected a number"),
+        ("crops.global_crops_scale=[0.5,0.4]", r"crops\.global_crops_scale=\[0\.5, 0\.4\].*0 < low <= high <= 1"),
+        ("crops.local_crops_scale=[0.05,1.5]", "0 < low <= high <= 1"),
+        ("crops.global_crops_scale=[0.5]", "0 < low <= high <= 1"),
+        ("crops.global_crops_scale=[a,b]", "expected a list of a number"),
+        ("ibot.mask_ratio_min_max=[0.6,0.5]", "0 <= low <= high <= 1"),
+        ("ibot.mask_sample_probability=1.5", "must be <= 1"),
+        ("crops.local_crops_size=224", r"crops\.local_crops_size=224.*smaller than global crops"),
+        ("crops.global_crops_size=100", r"crops\.global_crops_size=100 is not a multiple of the patch size 16"),
+        ("train.centering=sinkhorn", r"centering='sinkhorn'.*sinkhorn_knopp, centering; closest 'sinkhorn_knopp'"),
+        ("optim.scaling_rule=sqrt", "must be one of sqrt_wrt_1024, linear_wrt_256, none"),
+        ("compute_precision.autocast_dtype=bf_16", "closest 'bf16'"),
+        ("student.arch=vit_smal", "closest 'vit_small'"),
+        ("student.pretrained_weights=3", r"expected a string or null"),
+        ("train.dataset_path=Synthetic", r"train\.dataset_path.*unknown dataset 'Synthetic'.*'SyntheticCellPainting'"),
+        ("train.dataset_path=SyntheticCellPainting:sise=3", "has no key 'sise'. Did you mean 'size'"),
+        ("train.dataset_path=SyntheticCellPainting:size=x", "key 'size' got 'x', expected int"),
+    ],
+)
+def test_wrong_types_and_impossible_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_file_values_are_attributed_to_the_file(tmp_path):
+    exp = write(tmp_path / "exp.yaml", "crops:\n  global_crops_size: 64\n  local_crops_size: 64\n")
+    with pytest.raises(ConfigError, match=r"crops\.local_crops_size=64 \(set in config file '.*exp\.yaml'\)"):
+        load_config(exp)
+
+
+def test_validate_config_checks_a_config_built_elsewhere():
+    cfg = load_config()
+    cfg.optim.epochs = -1
+    with pytest.raises(ConfigError, match=r"optim\.epochs=-1: must be > 0"):
+        validate_config(cfg)
+
+
+def test_save_and_print_round_trip(tmp_path):
+    cfg = load_config(overrides=["train.seed=5", "train.dataset_path=SyntheticCellPainting:size=10"])
+    path = save_config(cfg, tmp_path / "run/config.yaml")
+    assert path.read_text() == config_to_yaml(cfg)
+    assert not list(path.parent.glob("*.tmp"))
+    reloaded = load_config(path)  # a saved config is a valid --config-file
+    assert OmegaConf.to_container(reloaded) == OmegaConf.to_container(cfg)
+
+
+def test_rule_tables_name_existing_keys_and_nullable_defaults_are_typed():
+    keys = {k for k, _ in _leaf_items(OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIG)))}
+    for key in [*CHOICES, *POSITIVE, *NON_NEGATIVE, *AT_MOST_ONE, *UNIT_RANGES, *NULLABLE_TYPES]:
+        assert key in keys, f"validation rule for {key}, which the default YAML does not have"
+    defaults = dict(_leaf_items(OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIG))))
+    untyped = [k for k, v in defaults.items() if v is None and k not in NULLABLE_TYPES]
+    assert not untyped, f"null defaults need a type in dinocell.config.NULLABLE_TYPES: {untyped}"
+
+
+def _leaf_items(node, prefix=""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaf_items(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], node
