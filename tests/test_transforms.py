@@ -110,6 +110,10 @@ def test_unknown_view_and_groups_are_config_errors():
         build_ssl_transform(make_cfg("crops.channel_views={global1: all, global2: avg, local: all}"))
     with pytest.raises(ValueError, match="crops.blur_probability has groups"):
         build_ssl_transform(make_cfg("crops.blur_probability.global3=1.0"))
+    with pytest.raises(ValueError, match="crops.noise_probability.local=1.5: expected a probability"):
+        build_ssl_transform(make_cfg("crops.noise_probability.local=1.5"))
+    with pytest.raises(ValueError, match=r"crops.gamma_range=\[0.0, 1.0\]"):
+        build_ssl_transform(make_cfg("crops.gamma_range=[0.0,1.0]"))
 
 
 def test_masked_local_crop_share_zeroes_outside_the_mask():

@@ -41,6 +41,14 @@ CHANNEL_VIEWS = ("all", "mean", "single")
 RGB_JITTER = (0.4, 0.4, 0.2, 0.1)
 RGB_JITTER_PROBABILITY = 0.8
 RGB_GRAYSCALE_PROBABILITY = 0.2
+# Smallest valid low end of each [low, high] setting (gamma and sigma must be positive).
+RANGE_LOWER_BOUNDS = {
+    "brightness_range": 0.0,
+    "contrast_range": 0.0,
+    "gamma_range": 1e-6,
+    "blur_sigma": 1e-6,
+    "noise_std": 0.0,
+}
 PYRAMID_MIN_FACTOR = 3.0  # use the half-resolution field when the crop box is >= 3x its output size
 
 
@@ -83,6 +91,14 @@ class CropSettings:
         for group, view in self.channel_views.items():
             if view not in CHANNEL_VIEWS:
                 raise ValueError(f"crops.channel_views.{group}={view!r}: expected one of {', '.join(CHANNEL_VIEWS)}")
+        for key, low_bound in RANGE_LOWER_BOUNDS.items():
+            low, high = getattr(self, key)
+            if not low_bound <= low <= high:
+                raise ValueError(f"crops.{key}={[low, high]}: expected {low_bound} <= low <= high")
+        for key in ("blur_probability", "noise_probability", "solarization_probability"):
+            for group, chance in getattr(self, key).items():
+                if not 0.0 <= chance <= 1.0:
+                    raise ValueError(f"crops.{key}.{group}={chance}: expected a probability in [0, 1]")
         if not 0.0 <= self.local_masked_crops_fraction <= 1.0:
             raise ValueError(
                 f"crops.local_masked_crops_fraction={self.local_masked_crops_fraction}: expected a share in [0, 1]"
