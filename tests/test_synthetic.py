@@ -1,0 +1,113 @@
+"""SyntheticCellPainting: sample contract, determinism, 16-bit fields, classes differing in structure, not means."""
+
+from __future__ import annotations
+
+import pathlib
+import runpy
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinocell.data import make_dataset
+from dinocell.data.datasets.synthetic import ATTRIBUTES, SyntheticCellPainting, phenotype_table
+
+
+def test_default_string_builds_with_no_keys_and_returns_the_sample_record():
+    dataset = make_dataset("SyntheticCellPainting")
+    assert isinstance(dataset, SyntheticCellPainting) and len(dataset) == 10000
+    assert dataset.classes == ["phenotype_0", "phenotype_1", "phenotype_2", "phenotype_3"]
+    sample = make_dataset("SyntheticCellPainting:image_size=64")[5]
+    assert sample["image"].dtype == torch.float32 and sample["image"].shape == (5, 64, 64)
+    assert sample["image"].min() >= 0.0 and sample["image"].max() <= 1.0  # percentile normalisation by default
+    assert sample["label"] == 1 and sample["id"] == "synthetic/train/seed0/5"
+    assert sample["meta"]["class_name"] == "phenotype_1" and sample["meta"]["split"] == "train"
+    assert sample["meta"]["n_cells"] > 0
+
+
+def test_fields_are_uint16_with_more_than_8_bits_of_range():
+    raw, counts = make_dataset("SyntheticCellPainting:image_size=96").render_field(0)
+    assert raw.dtype == np.uint16 and raw.shape == (5, 96, 96)
+    assert (raw.reshape(5, -1).max(1) > 1000).all()  # real 16-bit values, not an 8-bit image in a uint16 box
+    assert len(np.unique(raw)) > 256
+    image = make_dataset("SyntheticCellPainting:image_size=96:normalization=none")[0]["image"]
+    assert torch.equal(image, torch.from_numpy(raw.astype(np.float32)))
+
+
+def test_deterministic_in_seed_split_and_index():
+    a = make_dataset("SyntheticCellPainting:image_size=64:size=20")
+    b = make_dataset("SyntheticCellPainting:image_size=64:size=20")
+    assert torch.equal(a[7]["image"], b[7]["image"])
+    assert not torch.equal(a[7]["image"], a[11]["image"])  # same class, another field
+    other_seed = make_dataset("SyntheticCellPainting:image_size=64:seed=1")
+    test_split = make_dataset("SyntheticCellPainting:image_size=64:split=test")
+    assert not torch.equal(a[7]["image"], other_seed[7]["image"])
+    assert not torch.equal(a[7]["image"], test_split[7]["image"])
+    assert test_split[7]["id"] == "synthetic/test/seed0/7"
+
+
+def test_phenotype_table_gives_every_class_a_different_level_of_every_attribute():
+    for k in (2, 4, 7):
+        table = phenotype_table(k)
+        assert table.shape == (k, len(ATTRIBUTES))
+        for column in table.T:
+            assert sorted(column.tolist()) == pytest.approx(np.linspace(0, 1, k).tolist())
+    assert np.array_equal(phenotype_table(4), phenotype_table(4))  # fixed, whatever the dataset seed
+
+
+def test_bad_arguments_are_reported():
+    with pytest.raises(ValueError, match="size=0 must be >= 1"):
+        SyntheticCellPainting(size=0)
+    with pytest.raises(ValueError, match="cell_radius=1.0"):
+        SyntheticCellPainting(cell_radius=1.0)
+    with pytest.raises(IndexError, match="index 3 out of range"):
+        SyntheticCellPainting(size=3)[3]
+
+
+def _nearest_class_mean_accuracy(train_x, train_y, test_x, test_y) -> float:
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-9
+    centroids = np.stack([((train_x - mean) / std)[train_y == k].mean(0) for k in np.unique(train_y)])
+    distances = ((((test_x - mean) / std)[:, None] - centroids[None]) ** 2).sum(-1)
+    return float((distances.argmin(1) == test_y).mean())
+
+
+def _structure_features(image: torch.Tensor) -> np.ndarray:
+    """Per channel: relative edge strength and autocorrelation at 2 and 6 px (texture and object scale)."""
+    centred = image - image.mean((1, 2), keepdim=True)
+    var = image.var((1, 2)) + 1e-6
+    edges = (image[:, 1:] - image[:, :-1]).abs().mean((1, 2)) / (image.mean((1, 2)) + 1e-3)
+    lags = [(centred[:, :, lag:] * centred[:, :, :-lag]).mean((1, 2)) / var for lag in (2, 6)]
+    return torch.cat([edges, *lags]).numpy()
+
+
+@pytest.mark.slow
+def test_classes_differ_in_structure_but_not_in_per_channel_means():
+    """Means of the model's input separate 4 classes poorly; simple texture statistics separate them well."""
+    stats = {}
+    for split in ("train", "test"):
+        dataset = make_dataset(f"SyntheticCellPainting:image_size=128:split={split}")
+        samples = [dataset[i] for i in range(80)]
+        labels = np.array([s["label"] for s in samples])
+        means = np.stack([s["image"].mean((1, 2)).numpy() for s in samples])
+        structure = np.stack([_structure_features(s["image"]) for s in samples])
+        stats[split] = (means, structure, labels)
+    (m_tr, s_tr, y_tr), (m_te, s_te, y_te) = stats["train"], stats["test"]
+    mean_accuracy = _nearest_class_mean_accuracy(m_tr, y_tr, m_te, y_te)
+    structure_accuracy = _nearest_class_mean_accuracy(s_tr, y_tr, s_te, y_te)
+    print(f"nearest-class-mean accuracy: means {mean_accuracy:.2f}, structure {structure_accuracy:.2f}")
+    assert mean_accuracy < 0.7, mean_accuracy  # chance is 0.25; measured ~0.5
+    assert structure_accuracy > 0.75 and structure_accuracy > mean_accuracy + 0.15, (structure_accuracy, mean_accuracy)
+
+
+def test_montage_script_writes_one_row_per_class(tmp_path, monkeypatch):
+    out = tmp_path / "montage.png"
+    argv = ["synthetic_montage.py", "--out", str(out), "--per-class", "1", "--dataset",
+            "SyntheticCellPainting:image_size=48:n_classes=3"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(pathlib.Path(__file__).parents[1] / "scripts/synthetic_montage.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    image = np.asarray(Image.open(out))
+    assert image.shape == (3 * 48, 5 * 48) and image.dtype == np.uint8 and image.max() == 255
