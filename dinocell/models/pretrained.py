@@ -62,7 +62,7 @@ def _read(source: str | Path | Mapping) -> tuple[Mapping, str]:
     if text.startswith(("http://", "https://")):
         try:
             return torch.hub.load_state_dict_from_url(text, map_location="cpu", weights_only=True), text
-        except Exception as e:  # no network, HTTP error, gated file: all end the same way for the user
+        except OSError as e:  # urllib's URLError/HTTPError: no network, refused, gated file
             raise RuntimeError(
                 f"could not download {text} ({type(e).__name__}: {e}); download it where a network is available and "
                 f"pass the local file path instead (e.g. student.pretrained_weights=/path/to/file.pth)"
