@@ -167,3 +167,8 @@ def _leaf_items(node, prefix=""):
             yield from _leaf_items(value, f"{prefix}{key}.")
     else:
         yield prefix[:-1], node
+
+
+@pytest.mark.parametrize("recipe", sorted((pathlib.Path(__file__).parents[1] / "configs").rglob("*.yaml")), ids=str)
+def test_every_shipped_recipe_is_a_valid_config(recipe):
+    load_config(recipe)
