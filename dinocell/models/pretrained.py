@@ -98,18 +98,12 @@ def hf_to_official(state_dict: Mapping) -> dict:
         "norm.weight": "norm.weight",
         "norm.bias": "norm.bias",
     }
-    layer_renames = {
-        "attention.o_proj": "attn.proj",
-        "layer_scale1": "ls1",
-        "layer_scale2": "ls2",
-        "norm1": "norm1",
-        "norm2": "norm2",
-    }
-    gated = any(".mlp.gate_proj." in k for k in state_dict)
-    if gated:
-        mlp_renames = {"gate_proj": "w1", "up_proj": "w2", "down_proj": "w3"}
+    block_renames = {"attention.o_proj": "attn.proj", "layer_scale1": "ls1", "layer_scale2": "ls2", "norm1": "norm1",
+                     "norm2": "norm2"}
+    if any(".mlp.gate_proj." in k for k in state_dict):  # gated (SwiGLU) model
+        block_renames |= {"mlp.gate_proj": "mlp.w1", "mlp.up_proj": "mlp.w2", "mlp.down_proj": "mlp.w3"}
     else:
-        mlp_renames = {"up_proj": "fc1", "down_proj": "fc2"}
+        block_renames |= {"mlp.up_proj": "mlp.fc1", "mlp.down_proj": "mlp.fc2"}
     qkv_parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         if key in renames:
@@ -121,7 +115,7 @@ def hf_to_official(state_dict: Mapping) -> dict:
             if pm := re.match(r"^attention\.([qkv])_proj\.(weight|bias)$", rest):
                 qkv_parts.setdefault(idx, {})[f"{pm.group(1)}.{pm.group(2)}"] = value
                 continue
-            for old, new in {**layer_renames, **{f"mlp.{a}": f"mlp.{b}" for a, b in mlp_renames.items()}}.items():
+            for old, new in block_renames.items():
                 if rest.startswith(old + "."):
                     param = rest[len(old) + 1 :]
                     out[f"blocks.{idx}.{new}.{'gamma' if param == 'lambda1' else param}"] = value
