@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from dinocell.data import make_dataset
 from dinocell.data.datasets.ct import CTDataset, hu_to_unit
+
+# Shared by the recipe runs of test_ct, test_jump_s3 and test_single_cell: shrink any recipe to seconds on a CPU.
+RECIPES = Path(__file__).resolve().parents[1] / "configs" / "train"
+TINY_RUN = [
+    "student.arch=vit_test", "student.drop_path_rate=0.0", "student.n_storage_tokens=4",
+    "dino.head_n_prototypes=64", "ibot.head_n_prototypes=64", "dino.head_hidden_dim=32", "ibot.head_hidden_dim=32",
+    "dino.head_bottleneck_dim=16", "ibot.head_bottleneck_dim=16", "train.batch_size_per_gpu=4",
+    "train.OFFICIAL_EPOCH_LENGTH=2", "optim.epochs=2", "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1",
+    "optim.freeze_last_layer_epochs=0", "train.log_every=1", "checkpointing.period=4",
+    "evaluation.eval_period_iterations=0", "compute_precision.autocast_dtype=fp32",
+]  # fmt: skip
 
 
 def write_volume(path, depth=5, size=40, slices_last=False, seed=0):
@@ -85,3 +98,25 @@ def test_half_of_the_local_crops_are_masked(tmp_path):
         crops = transform(sample, position)["local_crops"]
         zeroed = [bool((crop[0] == 0).any()) for crop in crops]
         assert zeroed == [True, True, False, False]  # HU channels are >= eps unless masked out
+
+
+@pytest.mark.slow
+def test_ct_smoke_recipe_trains(tmp_path):
+    import json
+
+    from dinocell.config import load_config
+    from dinocell.train.train import train
+
+    (tmp_path / "npz").mkdir()
+    for i in range(3):
+        write_volume(tmp_path / "npz" / f"v{i}.npz", depth=4, size=72, seed=i)
+    overrides = [
+        f"train.dataset_path='CTDataset:npz_dir_path={tmp_path / 'npz'}:patch_size=64,64,6'",
+        f"train.output_dir={tmp_path / 'run'}", "student.n_storage_tokens=1", "train.batch_size_per_gpu=2",
+        "train.OFFICIAL_EPOCH_LENGTH=2", "crops.global_crops_size=32", "crops.local_crops_size=16",
+    ]  # fmt: skip
+    cfg = load_config(RECIPES / "ct_smoke.yaml", overrides)
+    assert cfg.crops.local_masked_crops_fraction == 0.5 and not cfg.crops.photometric_aug and cfg.student.in_chans == 6
+    train(cfg, resume=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "training_metrics.json").read_text().splitlines()]
+    assert len(records) == 4 and all(np.isfinite(r["total_loss"]) for r in records)

@@ -84,3 +84,31 @@ def test_channels_first_detection():
     assert channels_first(np.zeros((20, 20))).shape == (1, 20, 20)
     tie = np.arange(27).reshape(3, 3, 3)
     assert np.array_equal(channels_first(tie), tie)  # ties are read as channel-first
+
+
+@pytest.mark.slow
+def test_scdino_recipe_mean_std_then_training_with_knn(tmp_path):
+    """The scDINO pipeline: mean-std JSON -> crops.channel_mean/std -> a few iterations with k-NN at start and end."""
+    from test_ct import RECIPES, TINY_RUN
+
+    from dinocell.config import load_config
+    from dinocell.data.mean_std import main as mean_std_main
+    from dinocell.train.train import train
+
+    make_cells(tmp_path / "cells", n_per_class=6, size=32)
+    dataset = f"SingleCellFolder:root={tmp_path / 'cells'}:channels=0,1,3"
+    assert mean_std_main([dataset, "--fraction", "0.5", "--out", str(tmp_path / "stats.json"), "--num-workers=0"]) == 0
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    overrides = TINY_RUN + [
+        f"train.dataset_path='{dataset}'", f"evaluation.knn_train_dataset='{dataset}'",
+        f"evaluation.knn_test_dataset='{dataset}'", "evaluation.knn_k=3", "student.in_chans=3",
+        f"crops.channel_mean={stats['mean']}", f"crops.channel_std={stats['std']}", "train.num_workers=0",
+        "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=2",
+        f"train.output_dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    cfg = load_config(RECIPES / "scdino_vits16.yaml", overrides)
+    assert list(cfg.crops.brightness_range) == [0.5, 1.25] and not cfg.crops.rgb_color_aug
+    train(cfg, resume=False)
+    knn = json.loads((tmp_path / "run" / "eval" / "knn.json").read_text())
+    assert 0.0 <= knn["init"] <= 100.0
+    assert len((tmp_path / "run" / "training_metrics.json").read_text().splitlines()) == 4
