@@ -96,6 +96,14 @@ def test_crops_per_field_reuses_one_download(gallery):
     assert CountingReads.reads - before == 10
 
 
+def test_cached_fields_of_a_batch_survive_evictions_by_its_new_fields(gallery):
+    ds = CountingReads(root=gallery.root, sources=["source_4"], cache_size=2)
+    ds.__getitems__([0, 1])
+    before = CountingReads.reads
+    ds.__getitems__([2, 3, 0, 1])  # storing fields 2 and 3 evicts 0 and 1 before they are assembled
+    assert CountingReads.reads - before == 10
+
+
 def test_workers_share_bad_field_counts(gallery):
     ds = JUMPCellPaintingMultiView(root=gallery.root, concurrency=2)
     loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=list)

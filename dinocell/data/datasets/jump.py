@@ -153,10 +153,15 @@ class _JUMPFields(Dataset):
         return [records[k] for k in sorted(records)]
 
     def _fetch_many(self, field_ids: list[int]) -> dict[int, np.ndarray | BadFileError]:
+        """The batch's fields: cached ones as they are (held here, so later cache evictions cannot drop them), the
+        others fetched with all their files in flight at once."""
         state = self._process()
-        todo = [f for f in field_ids if not self._tracker.is_bad(f) and state.cache.get(f) is None]
-        futures = {f: [state.pool.submit(self._decode, loc) for loc in self.fields[f].files] for f in todo}
         fetched: dict[int, np.ndarray | BadFileError] = {}
+        for f in field_ids:
+            if not self._tracker.is_bad(f) and (cached := state.cache.get(f)) is not None:
+                fetched[f] = cached
+        todo = [f for f in field_ids if f not in fetched and not self._tracker.is_bad(f)]
+        futures = {f: [state.pool.submit(self._decode, loc) for loc in self.fields[f].files] for f in todo}
         for f, channel_futures in futures.items():
             try:
                 fetched[f] = self._stack(f, [future.result() for future in channel_futures])
@@ -184,6 +189,8 @@ class _JUMPFields(Dataset):
         try:
             return self._load_field(f, fetched)
         except BadFileError as error:
+            if error.key == self.fields[f].key:
+                raise
             raise BadFileError(error.reason, self.fields[f].key, f"{error.key} {error.detail}".strip()) from error
 
     def _stack(self, f: int, planes: list[np.ndarray]) -> np.ndarray:
