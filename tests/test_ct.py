@@ -68,7 +68,7 @@ def test_bad_files_are_skipped_and_counted(tmp_path):
     ds = CTDataset(npz_dir_path=tmp_path, patch_size=(32, 32, 6))
     assert [ds[i]["id"] for i in range(4)] == ["a_good.npz"] * 4
     assert ds[2]["meta"]["substituted_for"] == "c_nomask.npz"
-    counts = ds.bad_file_counts()
+    counts = ds.bad_sample_counts()
     assert counts["undecodable"] == 2 and counts["bad_shape"] == 1 and counts["total"] == 3
 
 

@@ -46,7 +46,7 @@ def test_decode_tiff_keeps_16_bits_and_names_each_kind_of_bad_file():
 def test_local_mirror_maps_stains_by_name_across_channel_orders(gallery):
     ds = JUMPCellPaintingMultiView(root=gallery.root, channels=["Mito", "DNA", "agp"], normalization="none")
     assert len(ds) == 8  # 4 fields per plate, bad ones included until they are read
-    assert ds.bad_field_counts()["total"] == 0
+    assert ds.bad_sample_counts()["total"] == 0
     for index in range(len(ds)):
         sample = ds[index]
         if sample["id"] != ds.field_key(index):
@@ -56,7 +56,7 @@ def test_local_mirror_maps_stains_by_name_across_channel_orders(gallery):
             expected = plane(sample["id"], stain, sample["image"].shape[-1])  # values > 255: 16 bits kept
             assert torch.equal(sample["image"][channel], torch.from_numpy(expected.astype(np.float32)))
         assert sample["label"] == -1 and sample["meta"]["well"] in ("A01", "A02")
-    assert ds.bad_field_counts()["total"] == 2  # missing DNA and zero-filled AGP; the corrupt RNA file is not read
+    assert ds.bad_sample_counts()["total"] == 2  # missing DNA and zero-filled AGP; the corrupt RNA file is not read
     # the two plates share well/site names but stay separate fields
     assert ds.field_key(0) == key(S2, "A01", 1) and ds.field_key(4) == key(S4, "A01", 1)
 
@@ -65,7 +65,7 @@ def test_bad_fields_are_counted_and_replaced_by_the_next_good_field(gallery):
     ds = JUMPCellPaintingMultiView(root=gallery.root, normalization="none")
     samples = ds.__getitems__(list(range(len(ds))))
     assert not {s["id"] for s in samples} & set(gallery.bad)
-    assert ds.bad_field_counts() == {
+    assert ds.bad_sample_counts() == {
         "missing": 1, "truncated": 0, "zero_filled": 1, "undecodable": 1, "bad_shape": 0, "unreachable": 0, "total": 3
     }  # fmt: skip
     by_key = {ds.field_key(i): s for i, s in enumerate(samples)}
@@ -104,12 +104,12 @@ def test_cached_fields_of_a_batch_survive_evictions_by_its_new_fields(gallery):
     assert CountingReads.reads - before == 10
 
 
-def test_workers_share_bad_field_counts(gallery):
+def test_workers_share_bad_sample_counts(gallery):
     ds = JUMPCellPaintingMultiView(root=gallery.root, concurrency=2)
     loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=list)
     ids = [s["id"] for batch in loader for s in batch]
     assert len(ids) == 8 and not set(ids) & set(gallery.bad)
-    assert ds.bad_field_counts()["total"] == 3  # found in the workers, visible in the main process
+    assert ds.bad_sample_counts()["total"] == 3  # found in the workers, visible in the main process
 
 
 def test_default_percentile_normalisation_and_illumination_correction(gallery):

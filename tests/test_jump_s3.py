@@ -36,8 +36,8 @@ def test_s3_and_local_give_identical_fields(s3):
     for sample in remote_samples:  # right stain in the right channel, 16-bit values intact
         for channel, planes in enumerate(gallery.fields[sample["id"]][s] for s in ("DNA", "ER", "RNA", "AGP", "Mito")):
             assert torch.equal(sample["image"][channel], torch.from_numpy(planes.astype("float32")))
-    assert remote.bad_field_counts() == local.bad_field_counts()
-    assert remote.bad_field_counts()["missing"] == 1 and remote.bad_field_counts()["total"] == 3
+    assert remote.bad_sample_counts() == local.bad_sample_counts()
+    assert remote.bad_sample_counts()["missing"] == 1 and remote.bad_sample_counts()["total"] == 3
 
 
 def test_filters_and_disk_cache(s3, tmp_path):
@@ -63,7 +63,7 @@ def test_throttling_is_retried(s3):
         assert proxy.failed == 2  # the index and the first image got 503 SlowDown first
     assert sample["id"] == "/".join((*S2, "A01", "1"))
     assert torch.equal(sample["image"][0], torch.from_numpy(gallery.fields[sample["id"]]["DNA"].astype("float32")))
-    assert ds.bad_field_counts()["total"] == 0
+    assert ds.bad_sample_counts()["total"] == 0
 
 
 def test_persistent_failures_become_unreachable_and_404_is_missing(s3):

@@ -75,7 +75,7 @@ def test_undecodable_file_is_skipped_and_counted(tmp_path):
     make_cells(tmp_path, n_per_class=2)
     (tmp_path / "B_cell" / "cell_0.tif").write_bytes(b"not a tiff")
     ds = SingleCellFolder(root=tmp_path)
-    assert ds[0]["id"] == "B_cell/cell_1.tiff" and ds.bad_file_counts()["undecodable"] == 1
+    assert ds[0]["id"] == "B_cell/cell_1.tiff" and ds.bad_sample_counts()["undecodable"] == 1
 
 
 def test_channels_first_detection():

@@ -72,7 +72,7 @@ class CTDataset(Dataset):
             sample["meta"] = {"substituted_for": self.files[index].relative_to(self.root).as_posix()}
         return self.transform(sample) if self.transform is not None else sample
 
-    def bad_file_counts(self) -> dict[str, int]:
+    def bad_sample_counts(self) -> dict[str, int]:
         """Distinct unreadable files found so far (all DataLoader workers of this process), by reason."""
         return self._tracker.counts()
 

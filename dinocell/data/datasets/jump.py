@@ -8,7 +8,7 @@ never from file names. Each sample is one field as float32 [C, H, W] in the requ
 Throughput: `crops_per_field` makes the dataset `n_fields * crops_per_field` long with `index // crops_per_field` =
 field, so several crop sets are cut from one download; `__getitems__` fetches every file of a batch's distinct fields
 concurrently (`concurrency` requests in flight per process); decoded fields stay in an LRU (`cache_size` fields, per
-DataLoader worker). Bad files (missing, truncated, zero-filled, undecodable) are counted (`bad_field_counts()`),
+DataLoader worker). Bad files (missing, truncated, zero-filled, undecodable) are counted (`bad_sample_counts()`),
 warned about once with the key, and replaced by the next good field in index order. See docs/jump.md.
 """
 
@@ -118,7 +118,7 @@ class _JUMPFields(Dataset):
             samples.append(self._sample(index, found, wanted, raw))
         return samples
 
-    def bad_field_counts(self) -> dict[str, int]:
+    def bad_sample_counts(self) -> dict[str, int]:
         """Distinct bad fields found so far by this process and its DataLoader workers, by reason, plus `total`.
         Meant for the training metrics; ranks each count their own (sum them across ranks)."""
         return self._tracker.counts()

@@ -77,7 +77,7 @@ class SingleCellFolder(Dataset):
         sample = {"image": image, "label": self.labels[found], "id": name}
         return self.transform(sample) if self.transform is not None else sample
 
-    def bad_file_counts(self) -> dict[str, int]:
+    def bad_sample_counts(self) -> dict[str, int]:
         """Distinct unreadable files found so far (all DataLoader workers of this process), by reason."""
         return self._tracker.counts()
 
