@@ -294,19 +294,21 @@ def _noise(rng, size: int, grain: float) -> np.ndarray:
 
 
 def _splat(fields: np.ndarray, rows: np.ndarray, sigma: float) -> None:
-    """Add point masses to their nearest pixel, then blur all channels with one separable Gaussian."""
+    """Add point masses to their nearest pixel, then blur them with a separable Gaussian (in place, symmetric taps)."""
     size = fields.shape[-1]
     c, y, x, w = rows[:, 0].astype(np.int64), np.rint(rows[:, 1]), np.rint(rows[:, 2]), rows[:, 3]
     inside = (y >= 0) & (y < size) & (x >= 0) & (x < size)
-    spots = np.zeros(fields.shape, np.float32)
-    np.add.at(spots, (c[inside], y[inside].astype(np.int64), x[inside].astype(np.int64)), w[inside])
     half = int(3 * sigma + 0.5)
-    k = torch.exp(-(torch.arange(-half, half + 1, dtype=torch.float32) ** 2) / (2 * sigma**2))
-    k = (k / k.sum()).repeat(5, 1, 1)
-    t = torch.from_numpy(spots)[None]
-    t = F.conv2d(F.pad(t, (half, half, 0, 0)), k[:, :, None, :], groups=5)
-    t = F.conv2d(F.pad(t, (0, 0, half, half)), k[:, :, :, None], groups=5)
-    fields += t[0].numpy()
+    taps = np.exp(-(np.arange(half + 1, dtype=np.float32) ** 2) / (2 * sigma**2))
+    taps /= taps[0] + 2 * taps[1:].sum()
+    spots = np.zeros((fields.shape[0], size + 2 * half, size + 2 * half), np.float32)
+    np.add.at(spots, (c[inside], y[inside].astype(np.int64) + half, x[inside].astype(np.int64) + half), w[inside])
+    rows_blurred = spots[:, :, half : half + size] * taps[0]
+    for i in range(1, half + 1):
+        rows_blurred += taps[i] * (spots[:, :, half - i : half - i + size] + spots[:, :, half + i : half + i + size])
+    fields += rows_blurred[:, half : half + size] * taps[0]
+    for i in range(1, half + 1):
+        fields += taps[i] * (rows_blurred[:, half - i : half - i + size] + rows_blurred[:, half + i : half + i + size])
 
 
 def _acquire(rng, fields: np.ndarray) -> np.ndarray:
