@@ -143,3 +143,13 @@ def test_dataset_string_filters_and_unknown_stain_error(gallery):
     assert len(ds) == 4 and ds[0]["image"].shape == (2, 24, 24)
     with pytest.raises(ValueError, match="'Actn'.*closest: 'AGP'|'Actn'.*stains are AGP"):
         JUMPCellPaintingMultiView(root=gallery.root, channels=["DNA", "Actn"])
+
+
+def test_missing_illumination_function_makes_fields_bad_not_a_crash_mid_batch(tmp_path):
+    gallery = make_gallery(tmp_path)
+    illum = next(tmp_path.rglob("*_IllumDNA.npy"))
+    illum.unlink()
+    ds = JUMPCellPaintingMultiView(root=gallery.root, channels=["DNA"], illum_correction=True, sources=["source_2"])
+    with pytest.raises(RuntimeError, match="no loadable sample.*IllumDNA.npy"):
+        ds[0]  # every field of the plate needs it: nothing to substitute, and never a placeholder
+    assert ds.bad_sample_counts()["missing"] == 4

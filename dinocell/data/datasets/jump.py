@@ -164,7 +164,7 @@ class _JUMPFields(Dataset):
         futures = {f: [state.pool.submit(self._decode, loc) for loc in self.fields[f].files] for f in todo}
         for f, channel_futures in futures.items():
             try:
-                fetched[f] = self._stack(f, [future.result() for future in channel_futures])
+                fetched[f] = self._assemble(f, [future.result() for future in channel_futures])
             except BadFileError as error:
                 fetched[f] = error
         return fetched
@@ -178,7 +178,7 @@ class _JUMPFields(Dataset):
         if raw is None:
             raw = state.cache.get(f)
         if raw is None:
-            raw = self._stack(f, [self._decode(loc) for loc in self.fields[f].files])
+            raw = self._assemble(f, [self._decode(loc) for loc in self.fields[f].files])
         if isinstance(raw, BadFileError):
             raise raw
         state.cache.put(f, raw)
@@ -193,17 +193,23 @@ class _JUMPFields(Dataset):
                 raise
             raise BadFileError(error.reason, self.fields[f].key, f"{error.key} {error.detail}".strip()) from error
 
-    def _stack(self, f: int, planes: list[np.ndarray]) -> np.ndarray:
+    def _assemble(self, f: int, planes: list[np.ndarray]) -> np.ndarray:
+        """[C, H, W] field from its channel planes, illumination-corrected when asked (then float32)."""
+        key = self.fields[f].key
         shapes = {p.shape for p in planes}
         if len(shapes) != 1 or len(planes[0].shape) != 2:
-            raise BadFileError("bad_shape", self.fields[f].key, f"channel planes have shapes {sorted(shapes)}")
-        return np.stack(planes)
+            raise BadFileError("bad_shape", key, f"channel planes have shapes {sorted(shapes)}")
+        stacked = np.stack(planes)
+        if not self.illum_correction:
+            return stacked
+        illum = self._illum_stack(self.fields[f])
+        if illum.shape != stacked.shape:
+            raise BadFileError("bad_shape", key, f"illumination functions {illum.shape} vs field {stacked.shape}")
+        return stacked.astype(np.float32) / illum
 
     def _sample(self, index: int, found: int, wanted: int, raw: np.ndarray) -> dict:
         record = self.fields[found]
         image = torch.from_numpy(raw.astype(np.float32))
-        if self.illum_correction:
-            image = image / torch.from_numpy(self._illum_stack(record))
         source, batch, plate, well, site = record.key.split("/")
         meta: dict[str, str | int] = {
             "source": source, "batch": batch, "plate": plate, "well": well, "site": site,
@@ -215,7 +221,8 @@ class _JUMPFields(Dataset):
         return self.transform(sample) if self.transform is not None else sample
 
     def _illum_stack(self, record: FieldRecord) -> np.ndarray:
-        """[C, H, W] illumination functions (corrected = raw / illum), cached per file; missing ones are errors."""
+        """[C, H, W] illumination functions (corrected = raw / illum), cached per file; a missing or unreadable one
+        makes the field bad (BadFileError), an index without illum locations is a configuration error."""
         if record.illum is None:
             raise ValueError(
                 f"illum_correction=true but the index of {record.key} names no Illum files "
@@ -225,7 +232,11 @@ class _JUMPFields(Dataset):
         planes = []
         for location in record.illum:
             if location not in cache:
-                cache[location] = np.load(io.BytesIO(self._read(location)), allow_pickle=False).astype(np.float32)
+                try:
+                    function = np.load(io.BytesIO(self._read(location)), allow_pickle=False)
+                except (ValueError, OSError, EOFError) as error:
+                    raise BadFileError("undecodable", location, f"{type(error).__name__}: {error}") from error
+                cache[location] = function.astype(np.float32)
             planes.append(np.maximum(cache[location], 1e-6))
         return np.stack(planes)
 
