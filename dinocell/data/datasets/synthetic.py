@@ -4,9 +4,10 @@ Each field is a jittered grid of cells rendered into DNA, ER, RNA, AGP and Mito 
 sources 2, 5 and 6). A phenotype class sets nine structural attributes: cell elongation, membrane ruffling, nuclear
 lobes, chromatin spots, ER coarseness, nucleoli count, actin fibres versus membrane ring, mitochondria length and their
 spread from the nucleus. Each attribute has K evenly spaced levels and every class takes a different level of every
-attribute, so classes differ in shape and texture (what self-supervised features can learn). Nuisances (per-channel
-gain and background, illumination ramp, cell density, size, position, rotation, per-cell brightness, shot and read
-noise) are drawn per field and dominate per-channel mean intensities, so no trivial statistic separates the classes.
+attribute, so classes differ in shape and texture (what self-supervised features can learn). Nuisances (cell density,
+size, position, rotation, per-cell brightness, per-channel staining balance between diffuse and spot-like signal,
+response curve, gain and background, illumination ramp, shot and read noise) are drawn per field and dominate
+per-channel mean intensities, so no trivial statistic separates the classes.
 
 Fields are deterministic in (seed, split, index) and rendered on the fly as uint16, like decoded JUMP TIFFs.
 """
@@ -115,10 +116,10 @@ def _render(rng: np.random.Generator, size: int, radius: float, phenotype: np.nd
     spacing = 2.3 * radius
     centres = _cell_centres(rng, size, spacing)
     cells = _cell_geometry(rng, centres, radius, p)
-    half = int(cells["a"].max() * 1.3) + 3
+    half = int(cells["a"].max(initial=radius) * 1.3) + 3
     pad = half + int(spacing) + 2
     canvas = np.zeros((5, size + 2 * pad, size + 2 * pad), np.float32)  # nucleus, ER base, RNA, AGP, Mito
-    for start in range(0, len(centres), 64):  # chunks bound the memory of the [cells, 4, W, W] windows
+    for start in range(0, len(centres), 64):  # chunks bound the memory of the [cells, 5, W, W] windows
         chunk = {k: v[start : start + 64] for k, v in cells.items()}
         windows = _cell_windows(chunk, half, p)
         for (cy, cx), window in zip(chunk["icentre"], windows):
