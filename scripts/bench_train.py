@@ -1,0 +1,136 @@
+"""Speed of one full SSL training iteration (student forward/backward over all crops, teacher forward, heads, losses,
+AdamW step, EMA update) on random crops: seconds per iteration, images/s and model FLOP/s.
+
+The data pipeline is left out on purpose (scripts/bench_data.py measures it): this is the model side alone.
+FLOPs are counted with an analytic formula (not fvcore), multiply-add = 2 FLOPs, per ViT forward on n tokens:
+    patch embed 2*n_patches*(C*p*p)*D + per block [ 2*n*D*(3D) + 2*n*D*D + 2*2*n*n*D + 2*2*n*D*(r*D) ]
+(qkv, output projection, attention scores + weighted sum, MLP with ratio r; SwiGLU counts 3 matrices of h =
+2/3*r*D rounded to 8), plus the heads: MLP D->H->H->bottleneck->K per cls token (and per masked patch for iBOT).
+Training FLOPs = 3 x (student forward) + teacher forward (global crops only). Norms, softmax and the optimiser are
+not counted (small). MFU = achieved FLOP/s / peak FLOP/s when --peak-tflops is given (e.g. 989 for H100 bf16 dense).
+
+Example (docs/benchmarks.md):
+    .venv/bin/python scripts/bench_train.py --arch vit_small --patch-sizes 16 8 --batch-size 2 --iters 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from dinocell.config import load_config
+from dinocell.train.meta_arch import SSLMetaArch
+from dinocell.train.optim import apply_schedule, build_optimizer, param_groups
+
+
+def vit_forward_flops(cfg, backbone, image_size: int) -> float:
+    d, depth, c, p = backbone.embed_dim, backbone.n_blocks, cfg.student.in_chans, cfg.student.patch_size
+    n_patches = (image_size // p) ** 2
+    n = 1 + cfg.student.n_storage_tokens + n_patches
+    ffn = sum(m.numel() for m in backbone.blocks[0].mlp.parameters() if m.ndim == 2)  # weights of the FFN matrices
+    per_block = 2 * n * d * 3 * d + 2 * n * d * d + 4 * n * n * d + 2 * n * ffn
+    return 2 * n_patches * c * p * p * d + depth * per_block
+
+
+def head_flops(head_cfg, d: int) -> float:
+    h, bn, k = head_cfg.head_hidden_dim, head_cfg.head_bottleneck_dim, head_cfg.head_n_prototypes
+    layers = head_cfg.head_nlayers
+    dims = [d] + [h] * (layers - 1) + [bn]
+    return 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:])) + 2 * bn * k
+
+
+def train_flops(cfg, backbone, batch: int, n_masked: int) -> float:
+    g, loc, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
+    d = backbone.embed_dim
+    student = batch * (2 * vit_forward_flops(cfg, backbone, g) + n_local * vit_forward_flops(cfg, backbone, loc))
+    student += batch * (2 + n_local) * head_flops(cfg.dino, d) + n_masked * head_flops(cfg.ibot, d)
+    teacher = batch * 2 * (vit_forward_flops(cfg, backbone, g) + head_flops(cfg.dino, d)) + n_masked * head_flops(
+        cfg.ibot, d)
+    return 3 * student + teacher
+
+
+def random_batch(cfg, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    g, loc, n_local, c = (cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number,
+                          cfg.student.in_chans)
+    n = (g // cfg.student.patch_size) ** 2
+    masks = torch.zeros(2 * batch, n, dtype=torch.bool)
+    masks[: batch, : int(0.3 * n)] = True  # half the global crops masked at the middle of the 0.1-0.5 ratio range
+    return {
+        "collated_global_crops": torch.randn(2 * batch, c, g, g, device=device),
+        "collated_local_crops": torch.randn(n_local * batch, c, loc, loc, device=device),
+        "collated_masks": masks.to(device),
+        "mask_indices_list": masks.flatten().nonzero().flatten().to(device),
+    }
+
+
+def bench(args: argparse.Namespace, patch_size: int) -> dict[str, float]:
+    device = torch.device(args.device)
+    cfg = load_config(args.config_file, [f"student.arch={args.arch}", f"student.patch_size={patch_size}",
+                                         *args.overrides])
+    torch.manual_seed(0)
+    model = SSLMetaArch(cfg).to(device).train()
+    params = [p for p in model.student.parameters() if p.requires_grad]
+    optimizer = build_optimizer(param_groups(model.student, n_blocks=model.student.backbone.n_blocks,
+                                             layerwise_decay=0.9, patch_embed_lr_mult=0.2), cfg)
+    apply_schedule(optimizer, lr=1e-4, last_layer_lr=1e-4, weight_decay=0.04)
+    batch = random_batch(cfg, args.batch_size, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss, _ = model(batch, teacher_temp=0.07)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        optimizer.step()
+        model.update_teacher(0.992)
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.iters):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    s_per_iter = (time.perf_counter() - start) / args.iters
+    flops = train_flops(cfg, model.student.backbone, args.batch_size, len(batch["mask_indices_list"]))
+    result = {"s_per_iter": s_per_iter, "images_per_s": args.batch_size / s_per_iter,
+              "gflops_per_iter": flops / 1e9, "achieved_tflops": flops / s_per_iter / 1e12}
+    if device.type == "cuda":
+        result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if args.peak_tflops:
+        result["mfu"] = result["achieved_tflops"] / args.peak_tflops
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--arch", default="vit_small", help="student.arch (default vit_small)")
+    parser.add_argument("--patch-sizes", type=int, nargs="+", default=[16, 8], help="patch sizes to measure")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per iteration (each 2 global + N local)")
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak TFLOP/s, to report MFU")
+    parser.add_argument("--config-file", default=None, help="recipe for heads/crops (default: the default config, "
+                        "2 x 224 + 8 x 96 crops, 65536-prototype heads)")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# {args.arch}, batch {args.batch_size}, device {args.device}, torch threads {torch.get_num_threads()}")
+    for patch_size in args.patch_sizes:
+        result = bench(args, patch_size)
+        print(f"patch {patch_size}: " + "  ".join(f"{k} {v:.4g}" for k, v in result.items()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
