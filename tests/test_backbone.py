@@ -190,6 +190,25 @@ def test_layerscale_none_disables_it_and_untied_norm_adds_cls_norm() -> None:
     assert out["x_norm_patchtokens"].mean().abs() < 1e-5
 
 
+def test_local_cls_norm_applies_to_the_second_crop_batch_in_training_only() -> None:
+    model = build_backbone("vit_test", untie_global_and_local_cls_norm=True)
+    with torch.no_grad():
+        model.local_cls_norm.bias.fill_(3.0)
+    crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)]
+    train_out = model.train().forward_features(crops)
+    eval_out = model.eval().forward_features(crops)
+    assert torch.allclose(train_out[1]["x_norm_clstoken"].mean(), torch.tensor(3.0), atol=1e-5)
+    assert torch.allclose(train_out[1]["x_storage_tokens"].mean(), torch.tensor(3.0), atol=1e-5)
+    for out in (train_out[0], eval_out[0], eval_out[1]):
+        assert out["x_norm_clstoken"].mean().abs() < 1e-5
+
+
+def test_vit_7b_matches_the_released_layout() -> None:
+    keys = build_backbone("vit_7b", device="meta").state_dict().keys()
+    assert {"local_cls_norm.weight", "local_cls_norm.bias", "blocks.39.mlp.w3.weight"} <= set(keys)
+    assert "blocks.0.attn.qkv.bias" not in keys and "blocks.0.attn.qkv.bias_mask" not in keys
+
+
 def test_rope_rotates_only_patch_tokens_and_keeps_norms() -> None:
     rope = RopePositionEmbedding(embed_dim=64, num_heads=2)
     sin, cos = rope(3, 4)

@@ -24,7 +24,16 @@ ARCHS: dict[str, dict] = {
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12, ffn_ratio=4.0, ffn_layer="mlp"),
     "vit_large": dict(embed_dim=1024, depth=24, num_heads=16, ffn_ratio=4.0, ffn_layer="mlp"),
     "vit_huge_plus": dict(embed_dim=1280, depth=32, num_heads=20, ffn_ratio=6.0, ffn_layer="swiglu"),
-    "vit_7b": dict(embed_dim=4096, depth=40, num_heads=32, ffn_ratio=3.0, ffn_layer="swiglu64"),
+    # the released 7B has no qkv bias and a separate norm for the local crops' cls token
+    "vit_7b": dict(
+        embed_dim=4096,
+        depth=40,
+        num_heads=32,
+        ffn_ratio=3.0,
+        ffn_layer="swiglu64",
+        qkv_bias=False,
+        untie_global_and_local_cls_norm=True,
+    ),
 }
 
 
@@ -53,6 +62,7 @@ class DinoVisionTransformer(nn.Module):
         mask_k_bias: bool = True,
         norm_eps: float = 1e-5,
         untie_cls_and_patch_norms: bool = False,
+        untie_global_and_local_cls_norm: bool = False,
         pos_embed_rope_base: float = 100.0,
         pos_embed_rope_shift_coords: float | None = None,
         pos_embed_rope_jitter_coords: float | None = None,
@@ -104,8 +114,12 @@ class DinoVisionTransformer(nn.Module):
             for rate in drop_rates
         )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps, device=device)
-        # Large models normalise cls + storage tokens with their own LayerNorm.
+        # Some released models normalise cls + storage tokens with their own LayerNorm: always (cls_norm), or only
+        # those of the local crops in training (local_cls_norm; the second crop batch of a list, as the reference).
         self.cls_norm = nn.LayerNorm(embed_dim, eps=norm_eps, device=device) if untie_cls_and_patch_norms else None
+        self.local_cls_norm = (
+            nn.LayerNorm(embed_dim, eps=norm_eps, device=device) if untie_global_and_local_cls_norm else None
+        )
         if torch.device(device or "cpu").type != "meta":
             self.init_weights()
 
@@ -147,13 +161,13 @@ class DinoVisionTransformer(nn.Module):
         tokens = torch.cat([cls_token.expand(b, -1, -1), self.storage_tokens.expand(b, -1, -1), patches], dim=1)
         return tokens, self.rope_embed(h, w)
 
-    def _norm(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _norm(self, x: torch.Tensor, local_crops: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised (cls + storage tokens, patch tokens)."""
         n_prefix = 1 + self.n_storage_tokens
-        if self.cls_norm is None:
-            x = self.norm(x)
-            return x[:, :n_prefix], x[:, n_prefix:]
-        return self.cls_norm(x[:, :n_prefix]), self.norm(x[:, n_prefix:])
+        prefix_norm = self.cls_norm if self.cls_norm is not None else self.norm
+        if local_crops and self.training and self.local_cls_norm is not None:
+            prefix_norm = self.local_cls_norm
+        return prefix_norm(x[:, :n_prefix]), self.norm(x[:, n_prefix:])
 
     def forward_features(
         self, x: torch.Tensor | list[torch.Tensor], masks: torch.Tensor | list[torch.Tensor | None] | None = None
@@ -172,8 +186,8 @@ class DinoVisionTransformer(nn.Module):
         for block in self.blocks:
             tokens = [block(t, rope) for t, rope in zip(tokens, ropes)]
         outputs = []
-        for t, m in zip(tokens, masks):
-            prefix, patches = self._norm(t)
+        for i, (t, m) in enumerate(zip(tokens, masks)):
+            prefix, patches = self._norm(t, local_crops=i == 1)
             outputs.append(
                 {
                     "x_norm_clstoken": prefix[:, 0],
