@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -153,3 +155,27 @@ def test_missing_illumination_function_makes_fields_bad_not_a_crash_mid_batch(tm
     with pytest.raises(RuntimeError, match="no loadable sample.*IllumDNA.npy"):
         ds[0]  # every field of the plate needs it: nothing to substitute, and never a placeholder
     assert ds.bad_sample_counts()["missing"] == 4
+
+
+def test_index_parsing_formats_preferences_and_locations():
+    from dinocell.data.io.index import join_location, pick_index_files, read_index_table
+
+    table = pd.DataFrame({"Metadata_Plate": ["0042"], "Metadata_Site": [1], "FileName_OrigDNA": ["a.tif"]})
+    csv_gz = io.BytesIO()
+    table.to_csv(csv_gz, index=False, compression="gzip")
+    parsed = read_index_table(csv_gz.getvalue(), "x/load_data.csv.gz")
+    assert parsed["Metadata_Plate"][0] == "0042" and parsed["Metadata_Site"][0] == "1"
+    parquet = io.BytesIO()
+    table.assign(Metadata_Site=[1.0]).to_parquet(parquet)
+    assert read_index_table(parquet.getvalue(), "load_data.parquet")["Metadata_Site"][0] == "1"
+    with pytest.raises(ValueError, match="not .csv, .csv.gz or .parquet"):
+        read_index_table(b"", "load_data.txt")
+
+    names = ["s/p1/load_data.csv", "s/p1/load_data_with_illum.parquet", "s/p2/load_data.csv.gz", "s/p2/notes.csv"]
+    assert pick_index_files(names) == ["s/p1/load_data_with_illum.parquet", "s/p2/load_data.csv.gz"]
+
+    index = "s3://bucket/proj/src/workspace/load_data_csv/b/p/load_data.csv"
+    https = "https://cellpainting-gallery.s3.amazonaws.com/cpg0016-jump/source_4/images/"
+    assert join_location(https, "f.tiff", index) == "s3://cellpainting-gallery/cpg0016-jump/source_4/images/f.tiff"
+    assert join_location("../img", "f.tiff", index) == "s3://bucket/proj/src/workspace/load_data_csv/b/img/f.tiff"
+    assert join_location("/mnt/data/img", "f.tiff", index) == "/mnt/data/img/f.tiff"

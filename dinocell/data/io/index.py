@@ -111,7 +111,10 @@ def join_location(folder: str, file_name: str, index_location: str) -> str:
     folder = _s3_url(folder)
     if folder.startswith("s3://") or PurePosixPath(folder).is_absolute():
         return posixpath.join(folder, file_name)
-    return posixpath.join(posixpath.dirname(index_location), folder, file_name)
+    if index_location.startswith("s3://"):
+        bucket, key = split_s3_url(index_location)
+        return f"s3://{bucket}/" + posixpath.normpath(posixpath.join(posixpath.dirname(key), folder, file_name))
+    return posixpath.normpath(posixpath.join(posixpath.dirname(index_location), folder, file_name))
 
 
 def split_s3_url(url: str) -> tuple[str, str]:
