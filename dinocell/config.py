@@ -154,11 +154,8 @@ def validate_config(cfg: DictConfig, origins: dict[str, str] | None = None) -> N
             if not ordered:
                 bound = "0 <=" if zero_ok else "0 <"
                 fail(key, f"must be [low, high] with {bound} low <= high <= 1")
-    for rule_keys, rule in _RELATIONS:
-        if all(k in values for k in rule_keys):
-            message = rule(*(values[k] for k in rule_keys))
-            if message:
-                fail(rule_keys[0], message)
+    for key, message in _relation_errors(values):
+        fail(key, message)
     if "train.dataset_path" in values:
         _check_dataset_string(values["train.dataset_path"], fail)
 
@@ -178,23 +175,18 @@ def save_config(cfg: DictConfig, path: str | pathlib.Path) -> pathlib.Path:
     return path
 
 
-def _check_crop_sizes(global_size: int, local_size: int) -> str | None:
-    if local_size >= global_size:
-        return f"local crops must be smaller than global crops (crops.global_crops_size={global_size})"
-    return None
-
-
-def _check_divisible(patch: int, global_size: int, local_size: int) -> str | None:
-    for name, crop in (("global_crops_size", global_size), ("local_crops_size", local_size)):
-        if crop % patch:
-            return f"crops.{name}={crop} is not a multiple of the patch size {patch}"
-    return None
-
-
-_RELATIONS: tuple[tuple[tuple[str, ...], Callable[..., str | None]], ...] = (
-    (("crops.local_crops_size", "crops.global_crops_size"), lambda local, glob: _check_crop_sizes(glob, local)),
-    (("student.patch_size", "crops.global_crops_size", "crops.local_crops_size"), _check_divisible),
-)
+def _relation_errors(values: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(key, message) for values that contradict each other; a rule applies when its keys exist."""
+    crops = ("crops.global_crops_size", "crops.local_crops_size", "crops.local_crops_number", "student.patch_size")
+    if not all(k in values for k in crops):
+        return
+    global_size, local_size, n_local, patch = (values[k] for k in crops)
+    if patch and global_size % patch:
+        yield "crops.global_crops_size", f"is not a multiple of student.patch_size={patch}"
+    if n_local > 0 and local_size >= global_size:
+        yield "crops.local_crops_size", f"local crops must be smaller than global crops ({global_size} px)"
+    if n_local > 0 and patch and local_size % patch:
+        yield "crops.local_crops_size", f"is not a multiple of student.patch_size={patch}"
 
 
 def _file_layers(path: pathlib.Path, chain: tuple[pathlib.Path, ...]) -> list[tuple[DictConfig, str]]:

@@ -113,8 +113,9 @@ def test_base_errors(tmp_path):
         ("crops.global_crops_scale=[a,b]", "expected a list of a number"),
         ("ibot.mask_ratio_min_max=[0.6,0.5]", "0 <= low <= high <= 1"),
         ("ibot.mask_sample_probability=1.5", "must be <= 1"),
-        ("crops.local_crops_size=224", r"crops\.local_crops_size=224.*smaller than global crops"),
-        ("crops.global_crops_size=100", r"crops\.global_crops_size=100 is not a multiple of the patch size 16"),
+        ("crops.local_crops_size=224", r"crops\.local_crops_size=224 .*smaller than global crops \(224 px\)"),
+        ("crops.global_crops_size=100", r"crops\.global_crops_size=100 .*not a multiple of student\.patch_size=16"),
+        ("crops.local_crops_size=100", r"crops\.local_crops_size=100 .*not a multiple of student\.patch_size=16"),
         ("train.centering=sinkhorn", r"centering='sinkhorn'.*sinkhorn_knopp, centering; closest 'sinkhorn_knopp'"),
         ("optim.scaling_rule=sqrt", "must be one of sqrt_wrt_1024, linear_wrt_256, none"),
         ("compute_precision.autocast_dtype=bf_16", "closest 'bf16'"),
@@ -128,6 +129,11 @@ def test_base_errors(tmp_path):
 def test_wrong_types_and_impossible_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=[override])
+
+
+def test_local_crop_rules_apply_only_when_there_are_local_crops():
+    cfg = load_config(overrides=["crops.local_crops_number=0", "crops.local_crops_size=300", "student.patch_size=14"])
+    assert cfg.crops.local_crops_size == 300
 
 
 def test_file_values_are_attributed_to_the_file(tmp_path):
