@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=540, help="field side in pixels (real JUMP: 970-1080)")
     parser.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 50.0], help="injected latencies")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 8], help="DataLoader worker counts")
-    parser.add_argument("--batch-size", type=int, default=4, help="fields per batch (one __getitems__ call)")
+    parser.add_argument("--batch-size", type=int, default=16, help="fields per batch (one __getitems__ call)")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight per worker")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="This DataLoader will create")  # 8 workers on a small CI box
