@@ -32,7 +32,7 @@ def _random_hf_model(gated: bool, n_registers: int) -> "transformers.DINOv3ViTMo
 @pytest.mark.parametrize(
     ("gated", "n_registers"), [(False, 0), (False, 4), (True, 4)], ids=["mlp", "mlp-storage", "swiglu-storage"]
 )
-@pytest.mark.parametrize("via", ["directory", "state_dict"])
+@pytest.mark.parametrize("via", ["directory", "sharded_directory", "state_dict"])
 def test_matches_transformers_dinov3(tmp_path, gated: bool, n_registers: int, via: str) -> None:
     hf = _random_hf_model(gated, n_registers)
     ours = build_backbone(
@@ -43,8 +43,9 @@ def test_matches_transformers_dinov3(tmp_path, gated: bool, n_registers: int, vi
         ffn_ratio=6.0 if gated else 4.0,  # SwiGLU: int(32*6*2/3) = 128 = the HF intermediate_size
         layerscale_init=1.0,
     ).eval()
-    if via == "directory":
-        hf.save_pretrained(tmp_path)
+    if via.endswith("directory"):
+        hf.save_pretrained(tmp_path, max_shard_size="20KB" if via == "sharded_directory" else "5GB")
+        assert (tmp_path / "model.safetensors.index.json").is_file() == (via == "sharded_directory")
         source = tmp_path
     else:
         source = hf.state_dict()

@@ -8,6 +8,7 @@ is untrusted input. Adaptations: channel count (mean kernel), patch size (pseudo
 """
 
 import difflib
+import json
 import pickle
 import re
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 
 from dinocell.models.vision_transformer import ARCHS, DinoVisionTransformer
 
-CHECKPOINT_FILES = ("checkpoint.pth", "teacher_checkpoint.pth", "model.safetensors")
+CHECKPOINT_FILES = ("checkpoint.pth", "teacher_checkpoint.pth", "model.safetensors", "model.safetensors.index.json")
 # Buffers computed from the architecture; Hugging Face files do not store them.
 COMPUTED_BUFFERS = re.compile(r"^(rope_embed\.periods|blocks\.\d+\.attn\.qkv\.bias_mask)$")
 
@@ -54,6 +55,18 @@ def _read_file(path: Path) -> Mapping:
         ) from e
 
 
+def _read_sharded(index_path: Path) -> dict:
+    """A Hugging Face checkpoint split into several safetensors files, listed by its index's weight_map."""
+    try:
+        shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, AttributeError) as e:
+        raise ValueError(f"{index_path} is not a safetensors index (expected a JSON 'weight_map'): {e}") from e
+    merged: dict = {}
+    for shard in shards:
+        merged |= _read_file(index_path.parent / shard)
+    return merged
+
+
 def _read(source: str | Path | Mapping) -> tuple[Mapping, str]:
     """The raw object stored at `source` and a printable name for it."""
     if isinstance(source, Mapping):
@@ -71,7 +84,8 @@ def _read(source: str | Path | Mapping) -> tuple[Mapping, str]:
     if path.is_dir():
         for name in CHECKPOINT_FILES:
             if (path / name).is_file():
-                return _read_file(path / name), str(path / name)
+                read = _read_sharded if name.endswith(".index.json") else _read_file
+                return read(path / name), str(path / name)
         raise FileNotFoundError(f"directory {path} holds none of the expected weight files {list(CHECKPOINT_FILES)}")
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights not found: {path} is neither a file nor a directory")
