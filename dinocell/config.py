@@ -62,6 +62,8 @@ POSITIVE = (
     "crops.local_crops_size",
     "checkpointing.period",
     "checkpointing.max_to_keep",
+    "evaluation.knn_k",
+    "evaluation.knn_temperature",
 )
 NON_NEGATIVE = (
     "student.n_storage_tokens",
@@ -91,6 +93,8 @@ AT_MOST_ONE = (
     "optim.adamw_beta2",
     "optim.layerwise_decay",
 )
+# dataset strings parsed (not built) by the registry; "" means "none" where the YAML says so
+DATASET_STRINGS = ("train.dataset_path", "evaluation.knn_train_dataset", "evaluation.knn_test_dataset")
 # ranges [low, high] with 0 < low <= high <= 1 (ratios may start at 0)
 UNIT_RANGES = {"crops.global_crops_scale": False, "crops.local_crops_scale": False, "ibot.mask_ratio_min_max": True}
 
@@ -156,8 +160,9 @@ def validate_config(cfg: DictConfig, origins: dict[str, str] | None = None) -> N
                 fail(key, f"must be [low, high] with {bound} low <= high <= 1")
     for key, message in _relation_errors(values):
         fail(key, message)
-    if "train.dataset_path" in values:
-        _check_dataset_string(values["train.dataset_path"], fail)
+    for key in DATASET_STRINGS:
+        if values.get(key) or key == "train.dataset_path" and key in values:
+            _check_dataset_string(key, values[key], fail)
 
 
 def config_to_yaml(cfg: DictConfig) -> str:
@@ -281,7 +286,7 @@ def _type_label(expected: Any) -> str:
     )
 
 
-def _check_dataset_string(dataset_str: Any, fail: Callable[[str, str], None]) -> None:
+def _check_dataset_string(key: str, dataset_str: Any, fail: Callable[[str, str], None]) -> None:
     """Parse (not build) the dataset string, so a typo fails at start-up rather than after model set-up."""
     import dinocell.data  # noqa: F401  (registers the dataset families)
     from dinocell.data.registry import DatasetStringError, parse_dataset_string
@@ -289,4 +294,4 @@ def _check_dataset_string(dataset_str: Any, fail: Callable[[str, str], None]) ->
     try:
         parse_dataset_string(dataset_str)
     except DatasetStringError as err:
-        fail("train.dataset_path", str(err))
+        fail(key, str(err))

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from dinocell.config import (
     AT_MOST_ONE,
     CHOICES,
+    DATASET_STRINGS,
     DEFAULT_CONFIG,
     NON_NEGATIVE,
     NULLABLE_TYPES,
@@ -124,6 +125,9 @@ def test_base_errors(tmp_path):
         ("train.dataset_path=Synthetic", r"train\.dataset_path.*unknown dataset 'Synthetic'.*'SyntheticCellPainting'"),
         ("train.dataset_path=SyntheticCellPainting:sise=3", "has no key 'sise'. Did you mean 'size'"),
         ("train.dataset_path=SyntheticCellPainting:size=x", "key 'size' got 'x', expected int"),
+        ("train.dataset_path=", r"train\.dataset_path=None .*expected a string"),
+        ("evaluation.knn_test_dataset=SyntheticCellPainting:split=val", r"knn_test_dataset=.*'split' got 'val'"),
+        ("evaluation.knn_k=0", "must be > 0"),
     ],
 )
 def test_wrong_types_and_impossible_values_name_the_key(override, message):
@@ -160,7 +164,7 @@ def test_save_and_print_round_trip(tmp_path):
 
 def test_rule_tables_name_existing_keys_and_nullable_defaults_are_typed():
     keys = {k for k, _ in _leaf_items(OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIG)))}
-    for key in [*CHOICES, *POSITIVE, *NON_NEGATIVE, *AT_MOST_ONE, *UNIT_RANGES, *NULLABLE_TYPES]:
+    for key in [*CHOICES, *POSITIVE, *NON_NEGATIVE, *AT_MOST_ONE, *UNIT_RANGES, *NULLABLE_TYPES, *DATASET_STRINGS]:
         assert key in keys, f"validation rule for {key}, which the default YAML does not have"
     defaults = dict(_leaf_items(OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIG))))
     untyped = [k for k, v in defaults.items() if v is None and k not in NULLABLE_TYPES]
