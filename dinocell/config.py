@@ -6,7 +6,8 @@ file through `_base_: other.yaml`, resolved relative to itself, recursively) <- 
 The schema is the default YAML itself: every key a user sets must exist there, and its value must have the type of
 the default value (an int is accepted where a float is expected). Keys whose default is null, or that may be set to
 null, are typed in NULLABLE_TYPES below. Value rules (positive sizes, ordered ranges, enum choices, a dataset string
-that parses) are checked for the keys that exist, so sections other parts add are validated by type automatically.
+that parses) are checked for the keys that exist, so sections other parts add are validated by type automatically;
+two naming conventions apply to every key: `*probability*` lies in [0, 1], `*_range` is [low, high], 0 <= low <= high.
 """
 
 from __future__ import annotations
@@ -151,6 +152,11 @@ def validate_config(cfg: DictConfig, origins: dict[str, str] | None = None) -> N
     for key in AT_MOST_ONE:
         if values.get(key) is not None and values[key] > 1:
             fail(key, "must be <= 1")
+    for key, value in values.items():  # naming conventions of the YAML, so new keys get the rule too
+        if "probability" in key and value is not None and not 0 <= value <= 1:
+            fail(key, "a probability must lie in [0, 1]")
+        if key.endswith("_range") and value is not None and not (len(value) == 2 and 0 <= value[0] <= value[1]):
+            fail(key, "must be [low, high] with 0 <= low <= high")
     for key, zero_ok in UNIT_RANGES.items():
         if key in values:
             pair = values[key]

@@ -128,6 +128,9 @@ def test_base_errors(tmp_path):
         ("train.dataset_path=", r"train\.dataset_path=None .*expected a string"),
         ("evaluation.knn_test_dataset=SyntheticCellPainting:split=val", r"knn_test_dataset=.*'split' got 'val'"),
         ("evaluation.knn_k=0", "must be > 0"),
+        ("crops.blur_probability.local=1.5", r"crops\.blur_probability\.local=1\.5 .*probability must lie in \[0, 1\]"),
+        ("crops.intensity_aug_probability=-0.1", "probability must lie in"),
+        ("crops.gamma_range=[1.2,0.8]", r"crops\.gamma_range=\[1\.2, 0\.8\] .*0 <= low <= high"),
     ],
 )
 def test_wrong_types_and_impossible_values_name_the_key(override, message):
