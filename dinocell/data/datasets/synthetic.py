@@ -312,15 +312,19 @@ def _splat(fields: np.ndarray, rows: np.ndarray, sigma: float) -> None:
         fields += taps[i] * (rows_blurred[:, half - i : half - i + size] + rows_blurred[:, half + i : half + i + size])
 
 
-def _acquire(rng, fields: np.ndarray) -> np.ndarray:
+def _acquire(rng: np.random.Generator, fields: np.ndarray) -> np.ndarray:
     """Microscope nuisances: per-channel response curve, gain and background, illumination ramp, noise -> uint16."""
     size = fields.shape[-1]
-    fields = fields ** np.exp(rng.uniform(math.log(0.6), math.log(1.6), (5, 1, 1))).astype(np.float32)
-    gain = np.exp(rng.uniform(math.log(0.4), math.log(2.5), (5, 1, 1))).astype(np.float32) * 6000.0
-    background = rng.uniform(100.0, 800.0, (5, 1, 1)).astype(np.float32)
-    ramp_dir = rng.uniform(0, 2 * math.pi)
-    coords = np.linspace(-1.0, 1.0, size, dtype=np.float32)
-    ramp = 1.0 + rng.uniform(0.0, 0.15) * (coords[None, :] * math.cos(ramp_dir) + coords[:, None] * math.sin(ramp_dir))
-    signal = (background + gain * fields) * ramp
-    noise = rng.standard_normal(fields.shape, dtype=np.float32) * np.sqrt(signal * 2.0 + 400.0)
-    return np.clip(signal + noise, 0, 65535).astype(np.uint16)
+    gamma = np.exp(rng.uniform(math.log(0.6), math.log(1.6), (5, 1, 1)))
+    gain = np.exp(rng.uniform(math.log(0.4), math.log(2.5), (5, 1, 1))) * 6000.0
+    background = rng.uniform(100.0, 800.0, (5, 1, 1))
+    ramp_dir, ramp_strength = rng.uniform(0, 2 * math.pi), rng.uniform(0.0, 0.15)
+    noise_seed = int(rng.integers(2**62))
+    coords = torch.linspace(-1.0, 1.0, size)
+    ramp = 1.0 + ramp_strength * (coords[None, :] * math.cos(ramp_dir) + coords[:, None] * math.sin(ramp_dir))
+    signal = torch.from_numpy(fields).pow_(torch.from_numpy(gamma).float())
+    signal.mul_(torch.from_numpy(gain).float()).add_(torch.from_numpy(background).float()).mul_(ramp)
+    # shot noise (variance ~ 2 x signal) and read noise (std 20); torch's generator is faster than numpy's here
+    noise = torch.randn(signal.shape, generator=torch.Generator().manual_seed(noise_seed))
+    noise.mul_(signal.mul(2.0).add_(400.0).sqrt_())
+    return signal.add_(noise).clamp_(0, 65535).numpy().astype(np.uint16)
