@@ -131,4 +131,5 @@ def test_datasets_command_lists_names_keys_types_defaults(capsys):
     out = capsys.readouterr().out
     assert "(aliases: _RegistryTypedAlias)" in out and "limit: int | none, default None" in out
     assert "mode: one of a|b, default 'a'" in out
-    assert main(["Nope"]) == 2
+    assert main(["SyntheticCellPaint"]) == 2
+    assert "Did you mean 'SyntheticCellPainting'" in capsys.readouterr().err

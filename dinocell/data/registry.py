@@ -20,6 +20,7 @@ import difflib
 import inspect
 import pathlib
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -226,13 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cls = _lookup(args.name)
         except DatasetStringError as err:
-            print(err)
+            print(f"dinocell datasets: {err}", file=sys.stderr)
             return 2
         print(describe_dataset(args.name, cls))
         return 0
     print("\n\n".join(describe_dataset(n, c) for n, c in list_datasets().items()))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
