@@ -7,7 +7,9 @@ rendered once; then, each on its own clock:
   normalise  uint16 -> float32 and per-channel percentile normalisation (the dataset's per-image step)
   crops      the training transform alone (2 global + N local crops of the default config, views as given)
   crops+collate  the transform plus collate with iBOT masks, per sample, in batches of --batch-size
-The crop figures are samples/s of one worker process with one torch thread (the DataLoader worker set-up).
+The crop figures are samples/s of one worker process with one torch thread (the DataLoader worker set-up). Every
+figure is given twice, "wall / cpu": per wall-clock second and per CPU second of this process; on a shared, loaded
+machine the CPU-second figure is the better estimate of what one free core delivers.
 
 Example (the numbers in docs/benchmarks.md):
     .venv/bin/python scripts/bench_data.py --image-sizes 1080 256 --seconds 5
@@ -37,17 +39,17 @@ from dinocell.data.normalize import normalize_image
 DEFAULT_YAML = Path(dinocell.__file__).parent / "configs" / "ssl_default_config.yaml"
 
 
-def rate(step: Callable[[int], object], seconds: float, min_calls: int = 3) -> float:
-    """Calls per second of step(i) over about `seconds` (after one warm-up call)."""
+def rate(step: Callable[[int], object], seconds: float, min_calls: int = 3) -> tuple[float, float]:
+    """Calls per wall-clock second and per CPU second of step(i) over about `seconds` (after one warm-up call)."""
     step(0)
-    calls, start = 0, time.perf_counter()
+    calls, start, cpu_start = 0, time.perf_counter(), time.process_time()
     while calls < min_calls or time.perf_counter() - start < seconds:
         step(calls + 1)
         calls += 1
-    return calls / (time.perf_counter() - start)
+    return calls / (time.perf_counter() - start), calls / (time.process_time() - cpu_start)
 
 
-def bench_size(size: int, args: argparse.Namespace) -> dict[str, float]:
+def bench_size(size: int, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
     dataset = SyntheticCellPainting(size=16, image_size=size, seed=0)
     raw, _ = dataset.render_field(0)
     results = {"generate": rate(lambda i: dataset.render_field(i % 16), args.seconds, min_calls=1)}
@@ -72,7 +74,7 @@ def bench_size(size: int, args: argparse.Namespace) -> dict[str, float]:
         crops = [transform(sample, i * b + k) for k in range(b)]
         collate_ssl_batch(crops, planner, int(cfg.crops.local_crops_size))
 
-    results["crops+collate"] = rate(batch, args.seconds, min_calls=1) * b
+    results["crops+collate"] = tuple(r * b for r in rate(batch, args.seconds, min_calls=1))
     return results
 
 
@@ -90,16 +92,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"crops: 2 x 224 + 8 x 96 (default config), views {args.views}, torch threads {args.threads}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    columns = ["field", "generate fields/s", "decode fields/s", "normalise fields/s", "crops samples/s"]
-    print("| " + " | ".join(columns + ["crops+collate samples/s"]) + " |")
+    columns = ["generate", "decode", "normalise", "crops", "crops+collate"]
+    print("| field | " + " | ".join(f"{c} /s (wall / cpu)" for c in columns) + " |")
     print("|---|---|---|---|---|---|")
     for size in args.image_sizes:
-        r = bench_size(size, args)
-        print(
-            f"| 5 x {size} x {size} | {r['generate']:.1f} | {r['decode']:.1f} | {r['normalise']:.1f} | "
-            f"{r['crops']:.1f} | {r['crops+collate']:.1f} |",
-            flush=True,
-        )
+        figures = bench_size(size, args).values()
+        print(f"| 5 x {size} x {size} | " + " | ".join(f"{w:.1f} / {c:.1f}" for w, c in figures) + " |", flush=True)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
