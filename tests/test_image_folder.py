@@ -61,6 +61,14 @@ def test_16_bit_files_keep_16_bit_precision(tmp_path, name):
     assert len(torch.unique(image)) > 100  # 8-bit quantisation would leave at most 256 levels, here ~120 pixels differ
 
 
+def test_big_endian_16_bit_tiff(tmp_path):
+    array = np.arange(120, dtype=">u2").reshape(12, 10) * 500
+    (tmp_path / "a").mkdir()
+    tifffile.imwrite(tmp_path / "a/big.tif", array, byteorder=">")
+    image = make_dataset(f"ImageFolder:root={tmp_path}:channels=1")[0]["image"]
+    assert torch.equal(image[0], torch.from_numpy(array.astype(np.float32) / 65535))
+
+
 def test_one_channel_uses_luma_and_keeps_grey(tmp_path):
     arrays = _folder(tmp_path)
     dataset = make_dataset(f"ImageFolder:root={tmp_path}:channels=1")

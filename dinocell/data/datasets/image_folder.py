@@ -121,12 +121,9 @@ def _pil_array(path: pathlib.Path) -> np.ndarray:
 
 
 def _to_unit_range(array: np.ndarray) -> np.ndarray:
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
-    if array.dtype == np.uint16:
-        return array.astype(np.float32) / 65535.0
-    if array.dtype == bool:
-        return array.astype(np.float32)
-    if np.issubdtype(array.dtype, np.floating):
+    """Scale by bit depth (any byte order): 8-bit / 255, 16-bit / 65535; floats as stored."""
+    if array.dtype.kind == "u" and array.dtype.itemsize in (1, 2):
+        return array.astype(np.float32) / (255.0 if array.dtype.itemsize == 1 else 65535.0)
+    if array.dtype == bool or array.dtype.kind == "f":
         return array.astype(np.float32)
     raise ValueError(f"unsupported pixel type {array.dtype} (expected uint8, uint16 or float)")
