@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from dinocell.data import make_dataset
+from dinocell.data.datasets.image_folder import _to_unit_range
 
 
 def _folder(root: pathlib.Path) -> dict[str, np.ndarray]:
@@ -61,12 +62,12 @@ def test_16_bit_files_keep_16_bit_precision(tmp_path, name):
     assert len(torch.unique(image)) > 100  # 8-bit quantisation would leave at most 256 levels, here ~120 pixels differ
 
 
-def test_big_endian_16_bit_tiff(tmp_path):
-    array = np.arange(120, dtype=">u2").reshape(12, 10) * 500
-    (tmp_path / "a").mkdir()
-    tifffile.imwrite(tmp_path / "a/big.tif", array, byteorder=">")
-    image = make_dataset(f"ImageFolder:root={tmp_path}:channels=1")[0]["image"]
-    assert torch.equal(image[0], torch.from_numpy(array.astype(np.float32) / 65535))
+def test_bit_depth_scaling_ignores_byte_order():
+    for dtype, top in ((">u2", 65535), ("<u2", 65535), ("u1", 255)):
+        scaled = _to_unit_range(np.array([0, 1, top], dtype=dtype))
+        assert scaled.dtype == np.float32 and scaled.tolist() == [0.0, np.float32(1 / top), 1.0]
+    with pytest.raises(ValueError, match="unsupported pixel type int32"):
+        _to_unit_range(np.array([70000], dtype=np.int32))
 
 
 def test_one_channel_uses_luma_and_keeps_grey(tmp_path):
