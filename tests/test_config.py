@@ -185,3 +185,10 @@ def _leaf_items(node, prefix=""):
 @pytest.mark.parametrize("recipe", sorted((pathlib.Path(__file__).parents[1] / "configs").rglob("*.yaml")), ids=str)
 def test_every_shipped_recipe_is_a_valid_config(recipe):
     load_config(recipe)
+
+
+def test_arch_choices_match_the_model_registry():
+    from dinocell.config import ARCHS
+    from dinocell.models import ARCHS as MODEL_ARCHS
+
+    assert sorted(ARCHS) == sorted(MODEL_ARCHS)  # config keeps a plain list so loading a config stays light
