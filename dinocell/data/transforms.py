@@ -138,14 +138,18 @@ def take_view(
     A mean view is normalised with the average of its channels' means and stds (documented approximation).
     """
     if view == "all":
-        return region, (list(mean) if mean is not None else None), (list(std) if std is not None else None)
+        picked = region
+    elif view == "single":
+        picked = region[channel : channel + 1]
+    else:
+        picked = region.mean(dim=0, keepdim=True)
+    if mean is None or std is None:
+        return picked, None, None
+    if view == "all":
+        return picked, list(mean), list(std)
     if view == "single":
-        stats = (mean[channel], std[channel]) if mean is not None else None
-        return region[channel : channel + 1], ([stats[0]] if stats else None), ([stats[1]] if stats else None)
-    averaged = region.mean(dim=0, keepdim=True)
-    if mean is None:
-        return averaged, None, None
-    return averaged, [sum(mean) / len(mean)], [sum(std) / len(std)]
+        return picked, [mean[channel]], [std[channel]]
+    return picked, [sum(mean) / len(mean)], [sum(std) / len(std)]
 
 
 def to_in_chans(x: torch.Tensor, in_chans: int) -> torch.Tensor:
