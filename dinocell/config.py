@@ -65,8 +65,13 @@ POSITIVE = (
     "checkpointing.max_to_keep",
     "evaluation.knn_k",
     "evaluation.knn_temperature",
+    "optim.layerwise_decay",
 )
 NON_NEGATIVE = (
+    "teacher.momentum_teacher",
+    "teacher.final_momentum_teacher",
+    "optim.adamw_beta1",
+    "optim.adamw_beta2",
     "student.n_storage_tokens",
     "student.drop_path_rate",
     "teacher.warmup_teacher_temp_epochs",
