@@ -13,12 +13,19 @@ NORMALIZATIONS = ("percentile", "zscore", "minmax", "none")
 
 
 def percentile_normalize(image: torch.Tensor, low: float = 0.1, high: float = 99.9) -> torch.Tensor:
-    """Map each channel's [low, high] percentile range to [0, 1] and clip; a flat channel becomes 0."""
-    flat = image.reshape(image.shape[0], -1).float()
-    q = torch.quantile(_subsample(flat), torch.tensor([low / 100, high / 100]), dim=1)  # [2, C]
-    lo, hi = q[0].view(-1, 1, 1), q[1].view(-1, 1, 1)
-    span = (hi - lo).clamp_min(1e-12)
-    return ((image - lo) / span).clamp_(0.0, 1.0).masked_fill_((hi - lo) <= 1e-12, 0.0)
+    """Map each channel's [low, high] percentile range to [0, 1] and clip; a flat channel becomes 0.
+
+    Percentiles are nearest-rank values of a fixed strided subset (at most 65,536 values per channel, found by
+    selection rather than sorting): this runs on every field the loader decodes, and a 1080 px field is 1.2M values
+    per channel whose exact 0.1 % tail changes nothing visible.
+    """
+    flat = _subsample(image.reshape(image.shape[0], -1).float())
+    n = flat.shape[1]
+    lo = flat.kthvalue(round(low / 100 * (n - 1)) + 1, dim=1).values.view(-1, 1, 1)
+    hi = flat.kthvalue(round(high / 100 * (n - 1)) + 1, dim=1).values.view(-1, 1, 1)
+    span = hi - lo
+    scale = torch.where(span > 1e-12, 1.0 / span.clamp_min(1e-12), torch.zeros_like(span))
+    return (image.float() - lo).mul_(scale).clamp_(0.0, 1.0)
 
 
 def zscore_normalize(image: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -51,8 +58,8 @@ def normalize_image(image: torch.Tensor, method: str) -> torch.Tensor:
     raise ValueError(f"normalization '{method}' is not one of {', '.join(NORMALIZATIONS)}")
 
 
-def _subsample(flat: torch.Tensor, max_values: int = 1 << 18) -> torch.Tensor:
-    """torch.quantile refuses inputs above 16M values and is slow on big fields: use a fixed strided subset."""
+def _subsample(flat: torch.Tensor, max_values: int = 1 << 16) -> torch.Tensor:
+    """A fixed strided subset of each row, so statistics of big fields cost the same as those of small ones."""
     n = flat.shape[1]
     if n <= max_values:
         return flat
