@@ -180,3 +180,24 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
         for field in ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss"):
             assert rb[field] == pytest.approx(ra[field], abs=1e-5), (ra["iteration"], field)
         assert rb["images_per_s"] > 0 and rb["lr"] == ra["lr"]  # same global batch -> same scaled lr
+
+
+def test_print_config_shows_merged_values_without_training(tmp_path, capsys):
+    assert train_module.main(["--output-dir", str(tmp_path / "x"), "--print-config", "optim.lr=0.005"]) == 0
+    printed = OmegaConf.create(capsys.readouterr().out)
+    assert printed.optim.lr == 0.005 and printed.train.output_dir == str(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_cli_reports_nonfinite_stop_and_wandb_offline(tmp_path, monkeypatch):
+    """`dinocell train` exits 1 with the message on too many non-finite steps; wandb (offline) gets the records."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _poison(monkeypatch, None)
+    out = tmp_path / "run"
+    args = ["--output-dir", str(out), *TINY, "train.max_consecutive_nonfinite=2", "logging.wandb=true"]
+    assert train_module.main(args) == 1
+    assert "non-finite losses in a row" in (out / "logs" / "log.txt").read_text()
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))

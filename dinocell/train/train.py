@@ -106,16 +106,13 @@ def knn_top1(cfg: DictConfig, backbone: torch.nn.Module, device: torch.device) -
     from dinocell.eval.features import extract_features
     from dinocell.eval.knn import knn_classify
 
-    eval_transform = build_eval_transform(cfg)
-
-    def transform(sample: dict[str, Any]) -> torch.Tensor:
-        return eval_transform(sample)["image"]
-
+    transform = build_eval_transform(cfg)
     feats = {}
     for split in ("train", "test"):
         dataset = make_dataset(cfg.evaluation[f"knn_{split}_dataset"])
         feats[split] = extract_features(
-            backbone, dataset, transform, batch_size=cfg.train.batch_size_per_gpu, num_workers=0, device=device
+            backbone, dataset, transform, batch_size=cfg.train.batch_size_per_gpu, num_workers=cfg.train.num_workers,
+            device=device,
         )
         num_classes = len(dataset.classes)
     top1 = knn_classify(
