@@ -98,12 +98,39 @@ def test_crops_per_field_reuses_one_download(gallery):
     assert CountingReads.reads - before == 10
 
 
-def test_cached_fields_of_a_batch_survive_evictions_by_its_new_fields(gallery):
-    ds = CountingReads(root=gallery.root, sources=["source_4"], cache_size=2)
-    ds.__getitems__([0, 1])
+def test_training_loader_downloads_each_field_once_for_its_crop_sets(gallery):
+    from dinocell.data.loaders import build_ssl_loader
+    from dinocell.data.masking import IBotMaskPlanner
+
+    ds = CountingReads(root=gallery.root, sources=["source_4"], crops_per_field=2, cache_size=0)
+    planner = IBotMaskPlanner(global_batch_size=4, grid_size=2, mask_sample_probability=0.5,
+                              mask_ratio_min_max=(0.1, 0.5), seed=0)
+    loader = build_ssl_loader(ds, lambda sample, position: sample | {"global_crops": [sample["image"][:, :16, :16]] * 2,
+                                                                       "local_crops": [], "position": position},
+                              planner, batch_size_per_rank=4, local_crops_size=8)
     before = CountingReads.reads
+    batches = [batch for _, batch in zip(range(2), loader)]
+    assert CountingReads.reads - before == 4 * 5  # 2 batches x 2 fields x 5 stains, even with no cache at all
+    for batch in batches:
+        assert batch["ids"][0] == batch["ids"][1] and batch["ids"][2] == batch["ids"][3]
+
+
+def test_cached_fields_of_a_batch_survive_evictions_by_its_new_fields(gallery):
+    class LoggingReads(JUMPCellPaintingMultiView):
+        locations: list[str] = []
+
+        def _read(self, location: str) -> bytes:
+            type(self).locations.append(location)
+            return super()._read(location)
+
+    ds = LoggingReads(root=gallery.root, sources=["source_4"], cache_size=2)
+    ds.__getitems__([0, 1])
+    LoggingReads.locations.clear()
     ds.__getitems__([2, 3, 0, 1])  # storing fields 2 and 3 evicts 0 and 1 before they are assembled
-    assert CountingReads.reads - before == 10
+    # Count only fields 0-2: field 3 has a missing file, and its other reads may still be in flight in the pool.
+    held = {loc for f in (0, 1) for loc in ds.fields[f].files}
+    assert not held & set(LoggingReads.locations)
+    assert sorted(loc for loc in LoggingReads.locations if loc in ds.fields[2].files) == sorted(ds.fields[2].files)
 
 
 def test_workers_share_bad_sample_counts(gallery):

@@ -52,6 +52,18 @@ def test_no_shuffle_is_sequential():
     assert [i for i, _ in take(InfiniteSampler(5, 2, shuffle=False), 12)] == [0, 1, 2, 3, 4] * 2 + [0, 1]
 
 
+def test_blocks_stay_whole_in_order_and_inside_one_rank_batch():
+    k, n = 3, 12 * 3
+    stream = take(InfiniteSampler(n, 12, rank=1, world_size=2, seed=2, block_size=k), 6 * 5)
+    indices = [i for i, _ in stream]
+    for start in range(0, len(indices), k):  # every aligned run of k is one block, in order
+        block = indices[start : start + k]
+        assert block[0] % k == 0 and block == list(range(block[0], block[0] + k))
+    one_pass = [i for i, _ in take(InfiniteSampler(n, 3, seed=2, block_size=k), n)]
+    assert sorted(one_pass) == list(range(n))  # still a permutation of the dataset
+    assert one_pass != list(range(n))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -59,6 +71,8 @@ def test_no_shuffle_is_sequential():
         ({"dataset_size": 9, "global_batch_size": 6, "world_size": 4}, "closest valid value: 8"),
         ({"dataset_size": 9, "global_batch_size": 4, "rank": 2, "world_size": 2}, "0 <= rank < world_size"),
         ({"dataset_size": 9, "global_batch_size": 4, "start_iter": -1}, "start_iter=-1"),
+        ({"dataset_size": 12, "global_batch_size": 4, "block_size": 3}, "per-rank batch \\(4\\)"),
+        ({"dataset_size": 10, "global_batch_size": 4, "block_size": 4}, "dataset size \\(10\\)"),
     ],
 )
 def test_invalid_arguments_name_the_value(kwargs, message):

@@ -79,8 +79,16 @@ def build_ssl_loader(
             f"mask planner global batch {mask_planner.global_batch_size} != batch_size_per_rank {batch_size_per_rank} "
             f"x world_size {world_size} = {global_batch_size}; build the planner with that global_batch_size"
         )
+    # Datasets whose consecutive indices share one read (JUMP crops_per_field) say so with `sample_block_size`.
+    block_size = int(getattr(dataset, "sample_block_size", 1))
     sampler = InfiniteSampler(
-        len(dataset), global_batch_size, rank=rank, world_size=world_size, seed=seed, start_iter=start_iter
+        len(dataset),
+        global_batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        start_iter=start_iter,
+        block_size=block_size,
     )
     workers = num_workers > 0
     return DataLoader(

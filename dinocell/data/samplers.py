@@ -48,6 +48,10 @@ class InfiniteSampler(Sampler[tuple[int, int]]):
     with b = GB / world_size. Position p visits dataset index perm_k[p mod N] where k = p // N is the pass over the
     dataset and perm_k a permutation seeded by (seed, k); only the current pass's permutation is held in memory.
     Starting at `start_iter` skips exactly `start_iter` global batches, so a resumed run sees the same batches.
+
+    With `block_size` k > 1 the permutation moves blocks of k consecutive indices and keeps each block in order:
+    datasets whose k neighbouring indices share one expensive read (JUMP `crops_per_field`) then get the k samples of
+    a field in one rank's batch (k must divide the per-rank batch), so the field is downloaded once for all of them.
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class InfiniteSampler(Sampler[tuple[int, int]]):
         seed: int = 0,
         start_iter: int = 0,
         shuffle: bool = True,
+        block_size: int = 1,
     ) -> None:
         if dataset_size < 1:
             raise ValueError(f"dataset_size={dataset_size}: the dataset is empty; expected at least 1 sample")
@@ -72,6 +77,12 @@ class InfiniteSampler(Sampler[tuple[int, int]]):
                 f"global_batch_size={global_batch_size} is not a positive multiple of world_size={world_size}; "
                 f"closest valid value: {closest}"
             )
+        b = global_batch_size // world_size
+        if block_size < 1 or dataset_size % block_size or b % block_size:
+            raise ValueError(
+                f"block_size={block_size} must be >= 1 and divide both the dataset size ({dataset_size}) and the "
+                f"per-rank batch ({b}); e.g. choose crops_per_field among the divisors of train.batch_size_per_gpu"
+            )
         if start_iter < 0:
             raise ValueError(f"start_iter={start_iter}: expected an iteration >= 0")
         self.dataset_size = dataset_size
@@ -82,13 +93,16 @@ class InfiniteSampler(Sampler[tuple[int, int]]):
         self.seed = seed
         self.start_iter = start_iter
         self.shuffle = shuffle
+        self.block_size = block_size
 
     def permutation(self, dataset_pass: int) -> torch.Tensor:
         """Dataset order of pass `dataset_pass` (identity when shuffle is off)."""
         if not self.shuffle:
             return torch.arange(self.dataset_size)
         generator = torch.Generator().manual_seed(derive_seed(self.seed, SeedStream.SAMPLER_PASS, dataset_pass))
-        return torch.randperm(self.dataset_size, generator=generator)
+        k = self.block_size
+        blocks = torch.randperm(self.dataset_size // k, generator=generator)
+        return blocks if k == 1 else (blocks.unsqueeze(1) * k + torch.arange(k)).flatten()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         b = self.batch_size_per_rank

@@ -105,6 +105,11 @@ class _JUMPFields(Dataset):
     def __len__(self) -> int:
         return len(self.fields) * self.crops_per_field
 
+    @property
+    def sample_block_size(self) -> int:
+        """The training sampler keeps this many consecutive indices (one field's crop sets) together."""
+        return self.crops_per_field
+
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])[0]
 
