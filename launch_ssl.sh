@@ -38,7 +38,8 @@ if [ ! -f "$config" ]; then
     exit 2
 fi
 
-source "$ROOT/scripts/setup_env.sh"
+# "" = no extras; without an argument `source` would hand this script's own arguments to setup_env.sh
+source "$ROOT/scripts/setup_env.sh" ""
 
 if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
     n_gpus=$(awk -F, '{print NF}' <<< "$CUDA_VISIBLE_DEVICES")
