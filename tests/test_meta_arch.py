@@ -116,3 +116,21 @@ def test_shared_head_and_ema_centering():
     model(_batch(cfg), teacher_temp=0.07)
     # centers moved by (1 - 0.9) * batch mean of the teacher logits
     assert model.dino_center.abs().sum() > 0 and model.ibot_center.abs().sum() > 0
+
+
+def test_pretrained_weights_initialise_student_and_teacher_backbones(tmp_path):
+    from dinocell.train.checkpoint import save_teacher_dump
+
+    torch.manual_seed(1)
+    source = SSLMetaArch(_cfg())
+    with torch.no_grad():
+        for p in source.teacher.parameters():
+            p.add_(1.0)
+    path = save_teacher_dump(tmp_path / "eval" / "final", source.teacher_state_dict())
+    torch.manual_seed(2)
+    model = SSLMetaArch(_cfg(f"student.pretrained_weights={path}"))
+    for name, value in source.teacher.backbone.state_dict().items():
+        assert torch.equal(model.student.backbone.state_dict()[name], value), name
+        assert torch.equal(model.teacher.backbone.state_dict()[name], value), name
+    # heads start fresh, not from the file
+    assert not torch.equal(model.student.dino_head.last_layer.weight, source.teacher.dino_head.last_layer.weight)

@@ -201,3 +201,13 @@ def test_cli_reports_nonfinite_stop_and_wandb_offline(tmp_path, monkeypatch):
     assert train_module.main(args) == 1
     assert "non-finite losses in a row" in (out / "logs" / "log.txt").read_text()
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_launcher_help_and_argument_errors():
+    launcher = Path(__file__).resolve().parents[1] / "launch_ssl.sh"
+    shown = subprocess.run([str(launcher), "--help"], capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0 and "--no-resume" in shown.stdout and "torchrun" in shown.stdout
+    bad = subprocess.run([str(launcher), "not_a_config"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "is not a YAML config file" in bad.stderr
+    missing = subprocess.run([str(launcher), "missing.yaml"], capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
