@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 import dinocell
+from dinocell.logging import MetricsLogger
 from dinocell.models import build_backbone, load_pretrained
 from dinocell.train import checkpoint as ckpt_module
 from dinocell.train import train as train_module
@@ -71,6 +72,12 @@ def test_run_writes_every_output(tmp_path):
     for name, value in backbone.state_dict().items():
         assert torch.equal(value, dump[f"backbone.{name}"]), name
 
+    train(_cfg(out, "optim.epochs=1"), resume=False)  # --no-resume in the same directory
+    replaced = list(out.glob("ckpt.replaced-*"))
+    assert len(replaced) == 1 and sorted(p.name for p in replaced[0].iterdir()) == ["3", "6"]
+    assert [p.name for p in ckpt_module.list_checkpoints(out / "ckpt")] == ["2"]
+    assert [r["iteration"] for r in _metrics(out)] == [0, 1]
+
 
 class _Interrupt(Exception):
     pass
@@ -82,18 +89,19 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     extra = ("student.drop_path_rate=0.1", "train.centering=centering")
     train(_cfg(tmp_path / "full", *extra))
 
-    real_save = ckpt_module.save_checkpoint
+    real_log = MetricsLogger.log
 
-    def save_then_crash(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise _Interrupt
+    def log_then_crash(self, record):
+        real_log(self, record)
+        if record["iteration"] == 4:  # one iteration after the checkpoint at 3 (iterations 0-2 done)
+            raise _Interrupt
 
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(MetricsLogger, "log", log_then_crash)
     with pytest.raises(_Interrupt):
         train(_cfg(tmp_path / "resumed", *extra))
     monkeypatch.undo()
-    assert [r["iteration"] for r in _metrics(tmp_path / "resumed")] == [0, 1, 2]
-    train(_cfg(tmp_path / "resumed", *extra))
+    assert [r["iteration"] for r in _metrics(tmp_path / "resumed")] == [0, 1, 2, 3, 4]
+    train(_cfg(tmp_path / "resumed", *extra))  # resumes at iteration 3 and rewrites the lines of 3 and 4
 
     full, resumed = _metrics(tmp_path / "full"), _metrics(tmp_path / "resumed")
     assert [r["iteration"] for r in resumed] == list(range(6))

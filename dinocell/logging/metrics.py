@@ -39,11 +39,23 @@ class MetricsLogger:
     """Writes one metrics record to every enabled sink."""
 
     def __init__(
-        self, output_dir: Path, *, total_iterations: int, enabled: bool, wandb_cfg: Any = None, config: Any = None
+        self,
+        output_dir: Path,
+        *,
+        total_iterations: int,
+        start_iteration: int,
+        enabled: bool,
+        wandb_cfg: Any = None,
+        config: Any = None,
     ) -> None:
         self.enabled = enabled
         self.total_iterations = total_iterations
         self.path = Path(output_dir) / "training_metrics.json"
+        if enabled and self.path.exists():
+            # a resumed run repeats the iterations after its checkpoint: keep one line per iteration
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if line and json.loads(line)["iteration"] < start_iteration]
+            self.path.write_text("".join(line + "\n" for line in kept))
         self._wandb = None
         if enabled and wandb_cfg is not None and wandb_cfg.wandb:
             import wandb

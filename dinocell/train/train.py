@@ -28,6 +28,7 @@ from dinocell.data.loaders import build_eval_transform, build_ssl_loader_from_co
 from dinocell.logging import MetricsLogger, setup_logging
 from dinocell.train.checkpoint import (
     capture_rng_state,
+    list_checkpoints,
     load_latest_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -166,6 +167,12 @@ def train(cfg: DictConfig, *, resume: bool = True) -> dict[str, Any]:
     optimizer = build_optimizer(groups, cfg)
 
     start_iter, nonfinite_total, rng_states = 0, 0, None
+    if not resume and list_checkpoints(out / "ckpt") and dist_info.is_main:
+        # keep the old run's checkpoints out of the way: a later resume must not pick them up
+        kept = out / f"ckpt.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        (out / "ckpt").rename(kept)
+        logger.warning("--no-resume: moved the existing checkpoints to %s", kept)
+    distributed.barrier()
     latest = load_latest_checkpoint(out / "ckpt") if resume else None
     if latest is not None:
         ckpt_dir, state = latest
@@ -183,7 +190,7 @@ def train(cfg: DictConfig, *, resume: bool = True) -> dict[str, Any]:
         logger.info("k-NN top-1 at initialisation: %.2f%%", init_top1)
 
     metrics = MetricsLogger(
-        out, total_iterations=total_iters, enabled=dist_info.is_main, wandb_cfg=cfg.logging,
+        out, total_iterations=total_iters, start_iteration=start_iter, enabled=dist_info.is_main, wandb_cfg=cfg.logging,
         config=OmegaConf.to_container(cfg),
     )
     data = _data_stream(cfg, dist_info, start_iter)
