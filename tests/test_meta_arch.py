@@ -134,3 +134,26 @@ def test_pretrained_weights_initialise_student_and_teacher_backbones(tmp_path):
         assert torch.equal(model.teacher.backbone.state_dict()[name], value), name
     # heads start fresh, not from the file
     assert not torch.equal(model.student.dino_head.last_layer.weight, source.teacher.dino_head.last_layer.weight)
+
+
+def test_bench_flop_formula_matches_the_flop_counter_plus_attention():
+    """scripts/bench_train.py's analytic count = torch's FlopCounterMode (linear, conv) + 4 n^2 D per block (SDPA)."""
+    import importlib.util
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    script = Path(__file__).parents[1] / "scripts" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = _cfg()
+    model = SSLMetaArch(cfg).eval()
+    backbone = model.student.backbone
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        backbone.forward_features(torch.randn(1, 3, 16, 16))
+    n = 1 + 1 + 4  # cls + 1 storage token + (16 / 8)^2 patches
+    attention = backbone.n_blocks * 4 * n * n * backbone.embed_dim
+    assert bench.vit_forward_flops(cfg, backbone, 16) == counter.get_total_flops() + attention
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.student.dino_head(torch.randn(1, backbone.embed_dim))
+    assert bench.head_flops(cfg.dino, backbone.embed_dim) == counter.get_total_flops()
