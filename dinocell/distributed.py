@@ -1,13 +1,15 @@
 """Process-group set-up and the few collectives the trainer needs.
 
-A run is distributed when torchrun's environment is present (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT);
-otherwise it is one process and every helper here degrades to a no-op, so the same code path runs everywhere.
-Backend: nccl on CUDA, gloo on CPU.
+A run is distributed when torchrun's environment is present (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), or
+when started by Slurm's `srun` with several tasks (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master is the first
+node of the job unless MASTER_ADDR is set); otherwise it is one process and every helper here degrades to a no-op, so
+the same code path runs everywhere. Backend: nccl on CUDA, gloo on CPU.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +28,23 @@ class DistInfo:
         return self.rank == 0
 
 
+def _torchrun_env_from_slurm() -> None:
+    """Translate an `srun` task's Slurm variables into torchrun's, unless torchrun's are already there."""
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        command = ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]]
+        hosts = subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()
+        os.environ["MASTER_ADDR"] = hosts[0]
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
 def init_distributed() -> DistInfo:
-    """Join the process group described by torchrun's environment variables, or run as a single process."""
+    """Join the process group described by torchrun's (or srun's) environment, or run as a single process."""
+    _torchrun_env_from_slurm()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

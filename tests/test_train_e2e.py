@@ -219,3 +219,48 @@ def test_launcher_help_and_argument_errors():
     assert bad.returncode == 2 and "is not a YAML config file" in bad.stderr
     missing = subprocess.run([str(launcher), "missing.yaml"], capture_output=True, text=True, timeout=30)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+# distributed.py: process-group set-up from torchrun's or Slurm's environment, and the gradient average
+DIST_WORKER = """
+import torch
+from dinocell import distributed
+info = distributed.init_distributed()
+p = torch.nn.Parameter(torch.zeros(3))
+p.grad = torch.full((3,), float(info.rank + 1))
+unused = torch.nn.Parameter(torch.zeros(2))  # no gradient on this step
+distributed.all_reduce_gradients([p, unused])
+mean = distributed.all_reduce_mean(torch.tensor(float(info.rank)))
+unused_grad = None if unused.grad is None else unused.grad.tolist()
+print(info.rank, info.world_size, info.local_rank, p.grad.tolist(), unused_grad, float(mean), flush=True)
+distributed.destroy()
+"""
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "MASTER_PORT")
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS} | {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_srun_style_environment_forms_a_group_and_averages_gradients():
+    """Two `srun` tasks (Slurm variables only) join one gloo group; gradients are averaged, unused ones as zeros."""
+    base = _clean_env() | {"SLURM_NTASKS": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", DIST_WORKER], env=base | {"SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for r in range(2)
+    ]
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    lines = sorted(out.strip() for out, _ in outputs)
+    assert lines == [f"{r} 2 {r} [1.5, 1.5, 1.5] [0.0, 0.0] 0.5" for r in range(2)]
+
+
+def test_single_process_without_launcher_environment():
+    command = [sys.executable, "-c", DIST_WORKER]
+    out = subprocess.run(command, env=_clean_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "0 1 0 [1.0, 1.0, 1.0] None 0.0"
