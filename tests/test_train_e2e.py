@@ -229,7 +229,7 @@ info = distributed.init_distributed()
 p = torch.nn.Parameter(torch.zeros(3))
 p.grad = torch.full((3,), float(info.rank + 1))
 unused = torch.nn.Parameter(torch.zeros(2))  # no gradient on this step
-distributed.all_reduce_gradients([p, unused])
+distributed.all_reduce_gradients([p, unused], bucket_numel=3)  # two buckets
 mean = distributed.all_reduce_mean(torch.tensor(float(info.rank)))
 unused_grad = None if unused.grad is None else unused.grad.tolist()
 print(info.rank, info.world_size, info.local_rank, p.grad.tolist(), unused_grad, float(mean), flush=True)
