@@ -79,36 +79,6 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def all_reduce_gradients(params: list[torch.nn.Parameter], bucket_numel: int = 2**24) -> None:
-    """Average gradients over ranks in flat buckets: what DDP does, without overlapping it with backward.
-
-    The meta-architecture calls its student modules several times per step (list forward, two heads, optionally
-    one shared head); averaging after backward keeps that simple and bit-identical across ranks. Buckets of
-    `bucket_numel` elements (64 MiB in fp32) bound the extra memory of the flat copies.
-    """
-    if not is_enabled():
-        return
-    for p in params:  # a parameter unused on this step must still take part, or ranks would disagree on sizes
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    bucket: list[torch.Tensor] = []
-    for i, p in enumerate(params):
-        bucket.append(p.grad)
-        if i == len(params) - 1 or sum(g.numel() for g in bucket) + params[i + 1].numel() > bucket_numel:
-            _all_reduce_mean_inplace(bucket)
-            bucket = []
-
-
-def _all_reduce_mean_inplace(grads: list[torch.Tensor]) -> None:
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 def barrier() -> None:
     if is_enabled():
         dist.barrier()

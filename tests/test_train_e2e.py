@@ -118,8 +118,8 @@ def _poison(monkeypatch, bad_calls: set[int] | None):
     real_forward = SSLMetaArch.forward
     calls = {"n": 0}
 
-    def forward(self, batch, teacher_temp):
-        loss, terms = real_forward(self, batch, teacher_temp)
+    def forward(self, batch, teacher_temp, student=None):
+        loss, terms = real_forward(self, batch, teacher_temp, student)
         calls["n"] += 1
         bad = calls["n"] >= 3 if bad_calls is None else calls["n"] in bad_calls
         return (loss * float("nan") if bad else loss), terms
@@ -133,7 +133,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     last = train(_cfg(tmp_path / "run", "train.max_consecutive_nonfinite=2"))
     records = _metrics(tmp_path / "run")
     assert [r["nonfinite_count"] for r in records] == [0, 1, 1, 2, 2, 2] and last["nonfinite_count"] == 2
-    assert all(r["grad_norm"] != r["grad_norm"] for r in (records[1], records[3]))  # NaN: no gradient that step
+    assert all(r["grad_norm"] != r["grad_norm"] for r in (records[1], records[3]))  # NaN: the poisoned step's gradients
     state = torch.load(tmp_path / "run" / "ckpt" / "6" / "checkpoint.pth", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
@@ -169,16 +169,18 @@ def _cli(output_dir: Path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_double_batch(tmp_path):
-    """torchrun 2 x batch 2 (gloo, CPU) gives the losses of 1 x batch 4 (KoLeo over the global batch, Sinkhorn too)."""
+    """torchrun 2 x batch 2 (gloo, CPU, DDP) gives the losses of 1 x batch 4 (KoLeo over the global batch, Sinkhorn
+    too). One masked global crop per global batch: one rank always has no masked patch, yet joins every collective."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one_masked = "ibot.mask_sample_probability=0.125"  # int(8 global crops * 0.125) = 1
     one = subprocess.run(
-        [sys.executable, "-m", "dinocell.train", *_cli(tmp_path / "one", "train.batch_size_per_gpu=4")],
+        [sys.executable, "-m", "dinocell.train", *_cli(tmp_path / "one", "train.batch_size_per_gpu=4", one_masked)],
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-         "-m", "dinocell.train", *_cli(tmp_path / "two", "train.batch_size_per_gpu=2")],
+         "-m", "dinocell.train", *_cli(tmp_path / "two", "train.batch_size_per_gpu=2", one_masked)],
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert two.returncode == 0, two.stderr[-3000:]
@@ -188,6 +190,7 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
         for field in ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss"):
             assert rb[field] == pytest.approx(ra[field], abs=1e-5), (ra["iteration"], field)
         assert rb["images_per_s"] > 0 and rb["lr"] == ra["lr"]  # same global batch -> same scaled lr
+    assert all(r["ibot_loss"] > 0 for r in a)
 
 
 def test_print_config_shows_merged_values_without_training(tmp_path, capsys):
@@ -221,18 +224,18 @@ def test_launcher_help_and_argument_errors():
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
-# distributed.py: process-group set-up from torchrun's or Slurm's environment, and the gradient average
+# distributed.py: process-group set-up from torchrun's or Slurm's environment; gradients averaged by DDP as in training
 DIST_WORKER = """
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from dinocell import distributed
 info = distributed.init_distributed()
-p = torch.nn.Parameter(torch.zeros(3))
-p.grad = torch.full((3,), float(info.rank + 1))
-unused = torch.nn.Parameter(torch.zeros(2))  # no gradient on this step
-distributed.all_reduce_gradients([p, unused], bucket_numel=3)  # two buckets
+layer = torch.nn.Linear(1, 1, bias=False)
+layer.weight.data.fill_(1.0)
+model = DistributedDataParallel(layer) if distributed.is_enabled() else layer
+model(torch.full((1, 1), float(info.rank + 1))).sum().backward()  # d/dw = rank + 1
 mean = distributed.all_reduce_mean(torch.tensor(float(info.rank)))
-unused_grad = None if unused.grad is None else unused.grad.tolist()
-print(info.rank, info.world_size, info.local_rank, p.grad.tolist(), unused_grad, float(mean), flush=True)
+print(info.rank, info.world_size, info.local_rank, layer.weight.grad.item(), float(mean), flush=True)
 distributed.destroy()
 """
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "MASTER_PORT")
@@ -243,8 +246,8 @@ def _clean_env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_srun_style_environment_forms_a_group_and_averages_gradients():
-    """Two `srun` tasks (Slurm variables only) join one gloo group; gradients are averaged, unused ones as zeros."""
+def test_srun_style_environment_forms_a_group_and_ddp_averages_gradients():
+    """Two `srun` tasks (Slurm variables only) join one gloo group; DDP averages their gradients."""
     base = _clean_env() | {"SLURM_NTASKS": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     procs = [
         subprocess.Popen(
@@ -256,11 +259,11 @@ def test_srun_style_environment_forms_a_group_and_averages_gradients():
     outputs = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
     lines = sorted(out.strip() for out, _ in outputs)
-    assert lines == [f"{r} 2 {r} [1.5, 1.5, 1.5] [0.0, 0.0] 0.5" for r in range(2)]
+    assert lines == [f"{r} 2 {r} 1.5 0.5" for r in range(2)]
 
 
 def test_single_process_without_launcher_environment():
     command = [sys.executable, "-c", DIST_WORKER]
     out = subprocess.run(command, env=_clean_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "0 1 0 [1.0, 1.0, 1.0] None 0.0"
+    assert out.stdout.strip() == "0 1 0 1.0 0.0"

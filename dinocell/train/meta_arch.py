@@ -52,6 +52,37 @@ def _head(in_dim: int, head_cfg: DictConfig) -> DINOHead:
     )
 
 
+class StudentNetwork(nn.Module):
+    """Backbone + DINO head + iBOT head. One `forward` computes everything the losses need from the student, so a
+    single DistributedDataParallel wrapper around it overlaps the gradient all-reduce with backward.
+
+    The iBOT head runs even on zero masked patches (an empty batch): every parameter then takes part in every step,
+    which DDP requires, and every rank issues the same collectives.
+    """
+
+    def __init__(self, backbone: nn.Module, dino_head: DINOHead, ibot_head: DINOHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dino_head = dino_head
+        self.ibot_head = ibot_head  # may be dino_head itself (ibot.separate_head=false)
+
+    def forward(
+        self, crops: list[torch.Tensor], masks: list[torch.Tensor | None], mask_indices: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """crops: [global crops, local crops?] crop-major batches; mask_indices: flat masked patches of the globals.
+
+        Returns global_cls (pre-head cls tokens of the global crops, for KoLeo), cls_logits (DINO head on the cls
+        tokens of all crops, globals first) and patch_logits (iBOT head on the masked patch tokens, [M, K]).
+        """
+        outs = self.backbone.forward_features(crops, masks=masks)
+        patches = outs[0]["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
+        return {
+            "global_cls": outs[0]["x_norm_clstoken"],
+            "cls_logits": self.dino_head(torch.cat([o["x_norm_clstoken"] for o in outs])),
+            "patch_logits": self.ibot_head(patches),
+        }
+
+
 class SSLMetaArch(nn.Module):
     """Holds student and teacher; `forward` returns the weighted total loss and the detached loss terms."""
 
@@ -64,7 +95,7 @@ class SSLMetaArch(nn.Module):
             logger.info("student and teacher backbones initialised from %s: %s", cfg.student.pretrained_weights, report)
         dino_head = _head(backbone.embed_dim, cfg.dino)
         ibot_head = _head(backbone.embed_dim, cfg.ibot) if cfg.ibot.separate_head else dino_head
-        self.student = nn.ModuleDict({"backbone": backbone, "dino_head": dino_head, "ibot_head": ibot_head})
+        self.student = StudentNetwork(backbone, dino_head, ibot_head)
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
@@ -105,7 +136,8 @@ class SSLMetaArch(nn.Module):
         patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
         patch_logits = self.teacher.ibot_head(patches)
         cls_probs = self._targets(cls_logits, self.dino_center, teacher_temp)
-        patch_probs = self._targets(patch_logits, self.ibot_center, teacher_temp) if len(mask_indices) else patch_logits
+        # also with no masked patch on this rank: the targets' all-reduces must run on every rank
+        patch_probs = self._targets(patch_logits, self.ibot_center, teacher_temp)
         return cls_probs.unflatten(0, (N_GLOBAL_CROPS, -1)), patch_probs
 
     def _koleo(self, cls_pre_head: torch.Tensor) -> torch.Tensor:
@@ -121,8 +153,16 @@ class SSLMetaArch(nn.Module):
                 losses.append(koleo_loss(x, eps))
         return torch.stack(losses).mean()
 
-    def forward(self, batch: dict[str, torch.Tensor], teacher_temp: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self, batch: dict[str, torch.Tensor], teacher_temp: float, student: nn.Module | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted total loss and the detached loss terms of one batch.
+
+        `student` is the module to run for the student: `self.student` (default) or its DistributedDataParallel
+        wrapper, which the trainer creates when several processes train together.
+        """
         cfg = self.cfg
+        student = self.student if student is None else student
         global_crops = batch["collated_global_crops"]
         local_crops = batch["collated_local_crops"]
         masks = batch["collated_masks"]
@@ -136,10 +176,8 @@ class SSLMetaArch(nn.Module):
         if n_local > 0:
             crops.append(local_crops)
             crop_masks.append(None)
-        outs = self.student.backbone.forward_features(crops, masks=crop_masks)
-        global_cls = outs[0]["x_norm_clstoken"]
-        cls_tokens = torch.cat([o["x_norm_clstoken"] for o in outs])
-        cls_logits = self.student.dino_head(cls_tokens)
+        out = student(crops, crop_masks, mask_indices)
+        global_cls, cls_logits = out["global_cls"], out["cls_logits"]
         global_logits = cls_logits[: N_GLOBAL_CROPS * b].unflatten(0, (N_GLOBAL_CROPS, b))
         student_temp = 0.1
 
@@ -162,11 +200,7 @@ class SSLMetaArch(nn.Module):
         terms["koleo_loss"] = self._koleo(global_cls.unflatten(0, (N_GLOBAL_CROPS, b)))
         total = total + cfg.dino.koleo_loss_weight * N_GLOBAL_CROPS * terms["koleo_loss"]
 
-        if len(mask_indices) > 0:
-            patches = outs[0]["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
-            patch_logits = self.student.ibot_head(patches)
-            terms["ibot_loss"] = ibot_loss(patch_logits, teacher_patches, masks, student_temp)
-            total = total + cfg.ibot.loss_weight * terms["ibot_loss"]
-        else:
-            terms["ibot_loss"] = torch.zeros((), device=total.device)
+        # an empty mask (no masked patch in this local batch) gives a zero that keeps the graph
+        terms["ibot_loss"] = ibot_loss(out["patch_logits"], teacher_patches, masks, student_temp)
+        total = total + cfg.ibot.loss_weight * terms["ibot_loss"]
         return total, {name: value.detach() for name, value in terms.items()}

@@ -46,12 +46,12 @@ def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def param_groups(
-    student: nn.ModuleDict, *, n_blocks: int, layerwise_decay: float, patch_embed_lr_mult: float
+    student: nn.Module, *, n_blocks: int, layerwise_decay: float, patch_embed_lr_mult: float
 ) -> list[dict]:
     """Groups for torch.optim.AdamW; each carries `lr_multiplier`, `wd_multiplier` and `is_last_layer`."""
     groups: dict[tuple[float, float, bool], dict] = {}
     seen: set[int] = set()  # a head shared by DINO and iBOT (ibot.separate_head=false) appears twice
-    for module_name, module in student.items():
+    for module_name, module in student.named_children():
         for name, param in module.named_parameters():
             if not param.requires_grad or id(param) in seen:
                 continue

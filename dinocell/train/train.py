@@ -1,7 +1,8 @@
 """The training loop and its command line: `dinocell train --config-file F --output-dir D [--no-resume] key=value ...`.
 
-Reads top to bottom: config -> process group -> model, optimiser, schedules -> resume -> data -> loop
-(forward, non-finite guard, backward, gradient average, clip, step, EMA) -> metrics, checkpoints, eval dumps -> k-NN.
+Reads top to bottom: config -> process group -> model, optimiser, schedules -> resume -> DDP -> data -> loop
+(forward, backward with DDP's gradient average, clip, non-finite guard, step, EMA) -> metrics, checkpoints,
+eval dumps -> k-NN.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 
 from dinocell import distributed
 from dinocell.config import config_to_yaml, load_config, save_config
@@ -181,6 +183,16 @@ def train(cfg: DictConfig, *, resume: bool = True) -> dict[str, Any]:
         start_iter, nonfinite_total, rng_states = state["iteration"], state["nonfinite_count"], state["rng"]
         logger.info("resumed from %s at iteration %d", ckpt_dir, start_iter)
 
+    # DDP averages the student's gradients over ranks during backward (bucketed, overlapped with computation);
+    # built after resuming so that it starts from the restored weights.
+    student: torch.nn.Module = model.student
+    if distributed.is_enabled():
+        student = DistributedDataParallel(
+            model.student,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,  # the backbone's buffers (RoPE periods, k-bias mask) are constants
+        )
+
     knn_enabled = bool(cfg.evaluation.knn_train_dataset and cfg.evaluation.knn_test_dataset)
     knn_path = out / "eval" / "knn.json"
     if knn_enabled and start_iter == 0 and dist_info.is_main:
@@ -219,17 +231,14 @@ def train(cfg: DictConfig, *, resume: bool = True) -> dict[str, Any]:
         centers = (model.dino_center.clone(), model.ibot_center.clone())
 
         with autocast:
-            loss, terms = model(batch, teacher_temp=values["teacher_temp"])
-        # every rank takes the same decision: the mean is non-finite if any rank's loss is
+            loss, terms = model(batch, teacher_temp=values["teacher_temp"], student=student)
+        # Backward runs even on a non-finite loss (DDP expects one backward per forward); such a step is skipped below.
+        # Gradients are averaged over ranks by then, so every rank sees the same norm and takes the same decision.
+        loss.backward()
+        max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(student_params, max_norm)
         loss_mean = distributed.all_reduce_mean(loss)
-        finite = bool(torch.isfinite(loss_mean))
-        grad_norm = torch.tensor(float("nan"))
-        if finite:
-            loss.backward()
-            distributed.all_reduce_gradients(student_params)
-            max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(student_params, max_norm)
-            finite = bool(torch.isfinite(grad_norm))
+        finite = bool(torch.isfinite(loss_mean)) and bool(torch.isfinite(grad_norm))
         if finite:
             consecutive_nonfinite = 0
             optimizer.step()
