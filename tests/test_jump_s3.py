@@ -104,4 +104,6 @@ def test_multiview_recipe_trains_from_s3_with_a_patch16_rgb_checkpoint(s3, tmp_p
     train(cfg, resume=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "training_metrics.json").read_text().splitlines()]
     assert len(records) == 4 and all(torch.isfinite(torch.tensor(r["total_loss"])) for r in records)
+    bad = [r["bad_samples"] for r in records]  # counted in the worker, read by the trainer (prefetch may run ahead)
+    assert bad == sorted(bad) and 1 <= bad[-1] <= 3  # the gallery has 3 bad fields: missing, corrupt, zero-filled
     assert "initialised from" in (tmp_path / "run" / "logs" / "log.txt").read_text()

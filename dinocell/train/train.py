@@ -91,17 +91,28 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _data_stream(cfg: DictConfig, dist_info: distributed.DistInfo, start_iter: int) -> Iterator[dict[str, Any]]:
+def _data_stream(
+    cfg: DictConfig, dataset: torch.utils.data.Dataset, dist_info: distributed.DistInfo, start_iter: int
+) -> Iterator[dict[str, Any]]:
     """Collated batches of this rank from global batch `start_iter` on (resuming = skipping, by the sampler)."""
     loader = build_ssl_loader_from_config(
         cfg,
-        make_dataset(cfg.train.dataset_path),
+        dataset,
         rank=dist_info.rank,
         world_size=dist_info.world_size,
         start_iter=start_iter,
         pin_memory=dist_info.device.type == "cuda",
     )
     return iter(loader)
+
+
+def _bad_samples(dataset: torch.utils.data.Dataset) -> int | None:
+    """Bad files skipped so far by all ranks and their workers (None for datasets that do not count them)."""
+    counts = getattr(dataset, "bad_sample_counts", None)
+    if counts is None:
+        return None
+    total = torch.tensor(float(counts()["total"]))
+    return int(distributed.all_reduce_mean(total) * distributed.get_world_size())
 
 
 def knn_top1(cfg: DictConfig, backbone: torch.nn.Module, device: torch.device) -> float:
@@ -205,7 +216,8 @@ def train(cfg: DictConfig, *, resume: bool = True) -> dict[str, Any]:
         out, total_iterations=total_iters, start_iteration=start_iter, enabled=dist_info.is_main, wandb_cfg=cfg.logging,
         config=OmegaConf.to_container(cfg),
     )
-    data = _data_stream(cfg, dist_info, start_iter)
+    dataset = make_dataset(cfg.train.dataset_path)
+    data = _data_stream(cfg, dataset, dist_info, start_iter)
     # The loop's random stream (drop path, RoPE augmentation) is set only now: creating the loader draws from the
     # global generator, so restoring before it would shift a resumed run's stream by one draw.
     if rng_states is not None and len(rng_states) == dist_info.world_size:
@@ -278,6 +290,9 @@ def train(cfg: DictConfig, *, resume: bool = True) -> dict[str, Any]:
                 "grad_norm": float(grad_norm),
                 "nonfinite_count": nonfinite_total,
             }
+            bad_samples = _bad_samples(dataset)
+            if bad_samples is not None:
+                record["bad_samples"] = bad_samples  # counted since this process started (a resume starts at 0)
             metrics.log(record)
             window_start, window_iters, data_time = time.perf_counter(), 0, 0.0
 
