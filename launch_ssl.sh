@@ -49,7 +49,7 @@ else
     n_gpus=0
 fi
 
-cd "$ROOT"
+# no cd: relative config paths, --output-dir and train.output_dir stay relative to where the user runs this
 if [ "$n_gpus" -ge 1 ]; then
     echo "[launch_ssl] $n_gpus GPU(s): torchrun --nproc_per_node=$n_gpus, config $config" >&2
     exec python -m torch.distributed.run --standalone --nproc_per_node="$n_gpus" -m dinocell.train \
