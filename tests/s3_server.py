@@ -230,9 +230,10 @@ class FaultyProxy:
                 self._relay()
 
             def _relay(self) -> None:
+                with proxy.lock:
+                    proxy.requests += 1  # counted on arrival, so a client that gave up waiting is counted too
                 time.sleep(proxy.delay_s)
                 with proxy.lock:
-                    proxy.requests += 1
                     fail = "?" not in self.path and proxy.failed < proxy.fail_first
                     proxy.failed += fail
                 if fail:

@@ -78,6 +78,16 @@ def test_persistent_failures_become_unreachable_and_404_is_missing(s3):
     assert info.value.reason == "missing"
 
 
+def test_read_timeouts_are_retried_then_unreachable(s3):
+    """A server that answers too slowly is retried like a 503 (botocore's ReadTimeoutError is no ConnectionError)."""
+    server, _ = s3
+    with FaultyProxy(server.port, delay_s=0.5) as proxy:
+        client = make_client(proxy.endpoint, anonymous=True, max_connections=2, timeout_s=0.1)
+        with pytest.raises(BadFileError, match="ReadTimeoutError") as info:
+            get_bytes(client, BUCKET, f"{PREFIX}/anything.tif", retries=2, base_delay_s=0.01)
+        assert info.value.reason == "unreachable" and proxy.requests == 3
+
+
 
 
 @pytest.mark.slow

@@ -21,7 +21,12 @@ RETRYABLE_CODES = {
     "RequestTimeout", "InternalError", "ServiceUnavailable", "500", "502", "503", "504",
 }  # fmt: skip
 MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
-TRANSIENT_ERRORS = (bce.ConnectionError, bce.IncompleteReadError, bce.ResponseStreamingError, ConnectionError)
+# HTTPClientError covers read timeouts and connections closed mid-response (botocore's ConnectionError only covers
+# failures to connect); TimeoutError/ConnectionError are what a body read can raise from the socket itself.
+TRANSIENT_ERRORS = (
+    bce.ConnectionError, bce.HTTPClientError, bce.IncompleteReadError, bce.ResponseStreamingError,
+    ConnectionError, TimeoutError,
+)  # fmt: skip
 
 
 def make_client(endpoint_url: str | None, anonymous: bool, max_connections: int, timeout_s: float = 30.0):
