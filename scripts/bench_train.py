@@ -2,7 +2,8 @@
 AdamW step, EMA update) on random crops: seconds per iteration, images/s and model FLOP/s.
 
 The data pipeline is left out on purpose (scripts/bench_data.py measures it): this is the model side alone.
-FLOPs are counted with an analytic formula (not fvcore), multiply-add = 2 FLOPs, per ViT forward on n tokens:
+FLOPs are counted with an analytic formula (checked against fvcore, see docs/benchmarks.md), multiply-add = 2 FLOPs,
+per ViT forward on n tokens:
     patch embed 2*n_patches*(C*p*p)*D + per block [ 2*n*D*(3D) + 2*n*D*D + 2*2*n*n*D + 2*2*n*D*(r*D) ]
 (qkv, output projection, attention scores + weighted sum, MLP with ratio r; SwiGLU counts 3 matrices of h =
 2/3*r*D rounded to 8), plus the heads: MLP D->H->H->bottleneck->K per cls token (and per masked patch for iBOT).
