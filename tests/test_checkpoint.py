@@ -40,6 +40,28 @@ def test_crash_while_writing_leaves_previous_checkpoint_loadable(tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["10", "20"]
 
 
+def test_crash_while_replacing_a_directory_keeps_a_complete_copy(tmp_path, monkeypatch):
+    """Overwriting eval/final (or an iteration saved again): the old copy is moved aside, never deleted first."""
+    ckpt.save_teacher_dump(tmp_path / "final", {"w": torch.zeros(2)})
+    real_rename = ckpt.os.rename
+
+    def dying_rename(src, dst):
+        if str(src).endswith(".tmp-final"):
+            raise OSError("killed between the two renames")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", dying_rename)
+    with pytest.raises(OSError, match="killed"):
+        ckpt.save_teacher_dump(tmp_path / "final", {"w": torch.ones(2)})
+    monkeypatch.undo()
+    old = torch.load(tmp_path / ".old-final" / ckpt.TEACHER_FILE, weights_only=True)
+    assert torch.equal(old["teacher"]["w"], torch.zeros(2))  # the previous dump survives, complete
+    ckpt.save_teacher_dump(tmp_path / "final", {"w": torch.ones(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert torch.equal(torch.load(tmp_path / "final" / ckpt.TEACHER_FILE, weights_only=True)["teacher"]["w"],
+                       torch.ones(2))
+
+
 def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path):
     ckpt.save_checkpoint(tmp_path, 10, _state(10), max_to_keep=3)
     (tmp_path / "20").mkdir()

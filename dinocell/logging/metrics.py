@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,18 @@ def setup_logging(output_dir: Path, *, enabled: bool) -> logging.Logger:
     return logger
 
 
+def _wandb_run_id(output_dir: Path, *, new: bool) -> str:
+    """The wandb run id of this output directory, so that a resumed run continues the same wandb run; a run that
+    starts at iteration 0 (first start or --no-resume) gets a fresh id."""
+    path = output_dir / "logs" / "wandb_run_id.txt"
+    if not new and path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)  # wandb ids: lowercase letters and digits
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
 class MetricsLogger:
     """Writes one metrics record to every enabled sink."""
 
@@ -55,7 +68,9 @@ class MetricsLogger:
             # a resumed run repeats the iterations after its checkpoint: keep one line per iteration
             lines = self.path.read_text().splitlines()
             kept = [line for line in lines if line and json.loads(line)["iteration"] < start_iteration]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            tmp = self.path.with_suffix(".json.tmp")  # replaced atomically: a crash here keeps the old lines
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
         self._wandb = None
         if enabled and wandb_cfg is not None and wandb_cfg.wandb:
             import wandb
@@ -65,6 +80,7 @@ class MetricsLogger:
                 name=wandb_cfg.wandb_run_name or Path(output_dir).resolve().name,
                 dir=str(output_dir),
                 config=config,
+                id=_wandb_run_id(Path(output_dir), new=start_iteration == 0),
                 resume="allow",
             )
 

@@ -43,10 +43,15 @@ def atomic_save(obj: Any, final_dir: Path, filename: str) -> Path:
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp_dir)
-    if final_dir.exists():  # e.g. eval/final of an earlier run, or the same iteration saved again after a resume
-        shutil.rmtree(final_dir)
+    # An existing directory (eval/final of an earlier run, or an iteration saved again after a resume) is moved
+    # aside, not deleted, until the new one is in place: a crash at any moment leaves a complete copy.
+    replaced = final_dir.parent / f".old-{final_dir.name}"
+    shutil.rmtree(replaced, ignore_errors=True)
+    if final_dir.exists():
+        os.rename(final_dir, replaced)
     os.rename(tmp_dir, final_dir)
     _fsync_dir(final_dir.parent)
+    shutil.rmtree(replaced, ignore_errors=True)
     return final_dir / filename
 
 
@@ -62,7 +67,7 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 def save_checkpoint(ckpt_root: Path, iteration: int, state: dict[str, Any], max_to_keep: int) -> Path:
     """Save `state` as checkpoint `iteration` and keep only the newest `max_to_keep` checkpoints."""
     path = atomic_save(state, Path(ckpt_root) / str(iteration), CHECKPOINT_FILE)
-    for stray in Path(ckpt_root).glob(".tmp-*"):
+    for stray in [*Path(ckpt_root).glob(".tmp-*"), *Path(ckpt_root).glob(".old-*")]:
         shutil.rmtree(stray, ignore_errors=True)
     for old in list_checkpoints(ckpt_root)[:-max_to_keep] if max_to_keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
