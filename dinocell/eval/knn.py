@@ -7,6 +7,7 @@ for its class; the class with the largest total wins. Features are expected L2-n
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--k", type=int, nargs="+", metavar="K", help="numbers of neighbours to report (default: evaluation.knn_k)")
     add("--temperature", type=float, metavar="T", help="vote weight exp(sim / T) (default: evaluation.knn_temperature)")
     add("--batch-size", type=int, default=64, metavar="N", help="images per forward pass (default: 64)")
-    add("--num-workers", type=int, default=4, metavar="N", help="data-loading worker processes (default: 4)")
+    add("--num-workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+        help="data-loading worker processes (default: min(4, CPUs))")
     add("--device", metavar="DEV", help="torch device (default: cuda if available, else cpu)")
     add("--seed", type=int, default=0, help="seed of the random initialisation (default: 0)")
     return parser
