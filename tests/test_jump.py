@@ -98,6 +98,19 @@ def test_crops_per_field_reuses_one_download(gallery):
     assert CountingReads.reads - before == 10
 
 
+def test_crop_sets_of_a_field_share_one_normalisation(gallery, monkeypatch):
+    import dinocell.data.datasets.jump as jump
+
+    calls = []
+    real = jump.normalize_image
+    monkeypatch.setattr(jump, "normalize_image", lambda image, method: calls.append(method) or real(image, method))
+    ds = JUMPCellPaintingMultiView(root=gallery.root, sources=["source_4"], crops_per_field=3)
+    batch = ds.__getitems__([0, 1, 2, 3])
+    assert len(calls) == 2  # fields 0 and 1, not four times
+    assert batch[0]["image"] is batch[2]["image"] and batch[0]["image"].dtype == torch.float32
+    assert batch[0]["image"].max() == 1.0  # percentile-normalised
+
+
 def test_training_loader_downloads_each_field_once_for_its_crop_sets(gallery):
     from dinocell.data.loaders import build_ssl_loader
     from dinocell.data.masking import IBotMaskPlanner

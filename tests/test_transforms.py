@@ -56,6 +56,22 @@ def test_crops_depend_only_on_seed_and_position():
     assert not torch.equal(a["global_crops"][0], other_seed["global_crops"][0])
 
 
+@pytest.mark.parametrize("views", [("all", "all", "all"), ("mean", "single", "single")])
+def test_the_input_image_is_never_modified(views):
+    """Datasets hand one image to several crop sets (JUMP crops_per_field): the transform must only read it."""
+    everything = ["crops.blur_probability={global1: 1.0, global2: 1.0, local: 1.0}",
+                  "crops.solarization_probability={global1: 1.0, global2: 1.0, local: 1.0}",
+                  "crops.noise_probability={global1: 1.0, global2: 1.0, local: 1.0}",
+                  "crops.intensity_aug_probability=1.0", "crops.rotate90=true",
+                  "crops.channel_mean=[0.5,0.5,0.5,0.5,0.5]", "crops.channel_std=[0.2,0.2,0.2,0.2,0.2]",
+                  f"crops.channel_views={{global1: {views[0]}, global2: {views[1]}, local: {views[2]}}}",
+                  f"student.in_chans={5 if views[0] == 'all' else 1}"]  # fmt: skip
+    record = sample(height=200, width=200)  # large enough for the half-resolution path too
+    before = record["image"].clone()
+    build_ssl_transform(make_cfg(*everything))(record, 3)
+    assert torch.equal(record["image"], before)
+
+
 @pytest.mark.parametrize("hflip", [False, True])
 @pytest.mark.parametrize("vflip", [False, True])
 @pytest.mark.parametrize("turns", [0, 1, 2, 3])

@@ -118,9 +118,12 @@ class _JUMPFields(Dataset):
         field_ids = [self._field_of(i) for i in indices]
         fetched = self._fetch_many(sorted(set(field_ids)))
         samples = []
+        images: dict[int, torch.Tensor] = {}  # a field's crop sets share one normalised image (transforms copy)
         for index, wanted in zip(indices, field_ids):
             found, raw = self._tracker.first_good(wanted, lambda f: self._load_field_or_explain(f, fetched))
-            samples.append(self._sample(index, found, wanted, raw))
+            if found not in images:
+                images[found] = normalize_image(torch.from_numpy(raw.astype(np.float32)), self.normalization)
+            samples.append(self._sample(index, found, wanted, images[found]))
         return samples
 
     def bad_sample_counts(self) -> dict[str, int]:
@@ -212,9 +215,8 @@ class _JUMPFields(Dataset):
             raise BadFileError("bad_shape", key, f"illumination functions {illum.shape} vs field {stacked.shape}")
         return stacked.astype(np.float32) / illum
 
-    def _sample(self, index: int, found: int, wanted: int, raw: np.ndarray) -> dict:
+    def _sample(self, index: int, found: int, wanted: int, image: torch.Tensor) -> dict:
         record = self.fields[found]
-        image = torch.from_numpy(raw.astype(np.float32))
         source, batch, plate, well, site = record.key.split("/")
         meta: dict[str, str | int] = {
             "source": source, "batch": batch, "plate": plate, "well": well, "site": site,
@@ -222,7 +224,7 @@ class _JUMPFields(Dataset):
         }  # fmt: skip
         if found != wanted:
             meta["substituted_for"] = self.fields[wanted].key
-        sample = {"image": normalize_image(image, self.normalization), "label": -1, "id": record.key, "meta": meta}
+        sample = {"image": image, "label": -1, "id": record.key, "meta": meta}
         return self.transform(sample) if self.transform is not None else sample
 
     def _illum_stack(self, record: FieldRecord) -> np.ndarray:
