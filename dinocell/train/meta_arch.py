@@ -141,16 +141,14 @@ class SSLMetaArch(nn.Module):
         return cls_probs.unflatten(0, (N_GLOBAL_CROPS, -1)), patch_probs
 
     def _koleo(self, cls_pre_head: torch.Tensor) -> torch.Tensor:
-        """KoLeo per global crop, averaged; neighbours searched over the global batch when distributed."""
+        """KoLeo per global crop ([S, B, D]), averaged; neighbours searched over the global batch when distributed."""
         eps = 1e-8
-        losses = []
-        for x in cls_pre_head:  # [B, D] per global crop
-            if self.cfg.dino.koleo_loss_distributed and distributed.is_enabled():
-                # autograd all-gather: neighbours on other ranks receive their share of the gradient
-                gathered = torch.cat(dist_fn.all_gather(x.contiguous()))
-                losses.append(koleo_loss(x, eps, candidates=gathered, offset=distributed.get_rank() * x.shape[0]))
-            else:
-                losses.append(koleo_loss(x, eps))
+        if not (self.cfg.dino.koleo_loss_distributed and distributed.is_enabled()):
+            return torch.stack([koleo_loss(x, eps) for x in cls_pre_head]).mean()
+        # one autograd all-gather for all crops: neighbours on other ranks receive their share of the gradient
+        gathered = torch.cat(dist_fn.all_gather(cls_pre_head.contiguous()), dim=1)  # [S, W*B, D], rank-major
+        offset = distributed.get_rank() * cls_pre_head.shape[1]
+        losses = [koleo_loss(x, eps, candidates=pool, offset=offset) for x, pool in zip(cls_pre_head, gathered)]
         return torch.stack(losses).mean()
 
     def forward(
