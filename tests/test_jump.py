@@ -191,10 +191,12 @@ def test_missing_illumination_function_makes_fields_bad_not_a_crash_mid_batch(tm
     gallery = make_gallery(tmp_path)
     illum = next(tmp_path.rglob("*_IllumDNA.npy"))
     illum.unlink()
-    ds = JUMPCellPaintingMultiView(root=gallery.root, channels=["DNA"], illum_correction=True, sources=["source_2"])
+    ds = CountingReads(root=gallery.root, channels=["DNA"], illum_correction=True, sources=["source_2"])
+    before = CountingReads.reads
     with pytest.raises(RuntimeError, match="no loadable sample.*IllumDNA.npy"):
         ds[0]  # every field of the plate needs it: nothing to substitute, and never a placeholder
     assert ds.bad_sample_counts()["missing"] == 4
+    assert CountingReads.reads - before == 1  # the missing function is looked for once; no image is downloaded
 
 
 def test_index_parsing_formats_preferences_and_locations():

@@ -78,6 +78,23 @@ def test_persistent_failures_become_unreachable_and_404_is_missing(s3):
     assert info.value.reason == "missing"
 
 
+def test_access_denied_is_an_unreachable_file_without_retries():
+    """S3 answers 403 for a key the caller may not read (or, without list rights, for a missing one): counted as a
+    bad file at once, never a crash of the loader."""
+    from botocore.exceptions import ClientError
+
+    class Denying:
+        calls = 0
+
+        def get_object(self, **_):
+            Denying.calls += 1
+            raise ClientError({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "Get")
+
+    with pytest.raises(BadFileError, match="AccessDenied") as info:
+        get_bytes(Denying(), BUCKET, f"{PREFIX}/private.tif", retries=3, base_delay_s=0.01)
+    assert info.value.reason == "unreachable" and Denying.calls == 1
+
+
 def test_read_timeouts_are_retried_then_unreachable(s3):
     """A server that answers too slowly is retried like a 503 (botocore's ReadTimeoutError is no ConnectionError)."""
     server, _ = s3

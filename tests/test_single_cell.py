@@ -54,7 +54,8 @@ def test_label_depth_and_bad_channel_index(tmp_path):
     assert SingleCellFolder(root=tmp_path, label_depth=1).classes == ["B_cell", "T_cell"]
     with pytest.raises(ValueError, match="no class folder 2 level"):
         SingleCellFolder(root=tmp_path, label_depth=2)
-    with pytest.raises(ValueError, match=r"channels=\[7\] but .* has 5 channels \(valid indices 0..4\)"):
+    # a wrong channel selection fails every file: the run stops with the reason instead of training on nothing
+    with pytest.raises(RuntimeError, match=r"channels=\[7\] but the file has 5 channels \(valid indices 0..4\)"):
         SingleCellFolder(root=tmp_path, channels=[7])[0]
 
 
@@ -76,6 +77,17 @@ def test_undecodable_file_is_skipped_and_counted(tmp_path):
     (tmp_path / "B_cell" / "cell_0.tif").write_bytes(b"not a tiff")
     ds = SingleCellFolder(root=tmp_path)
     assert ds[0]["id"] == "B_cell/cell_1.tiff" and ds.bad_sample_counts()["undecodable"] == 1
+
+
+def test_blank_and_odd_files_are_skipped_never_trained_on(tmp_path):
+    make_cells(tmp_path, n_per_class=3)
+    files = sorted((tmp_path / "B_cell").iterdir())
+    tifffile.imwrite(files[0], np.zeros((12, 12, 5), np.uint16))  # a blank placeholder crop
+    tifffile.imwrite(files[1], np.ones((12, 12, 2), np.uint16))  # only 2 channels
+    ds = SingleCellFolder(root=tmp_path, channels=[0, 4])
+    assert ds[0]["id"] == files[2].relative_to(tmp_path).as_posix()
+    counts = ds.bad_sample_counts()
+    assert counts["zero_filled"] == 1 and counts["bad_shape"] == 1 and counts["total"] == 2
 
 
 def test_channels_first_detection():

@@ -52,7 +52,7 @@ class _ProcessState:
     pid: int
     pool: ThreadPoolExecutor
     cache: LRUCache
-    illum: dict[str, np.ndarray] = field(default_factory=dict)
+    illum: dict[tuple[str, ...], np.ndarray | BadFileError] = field(default_factory=dict)  # per plate
     client: object = None
 
 
@@ -169,6 +169,13 @@ class _JUMPFields(Dataset):
             if not self._tracker.is_bad(f) and (cached := state.cache.get(f)) is not None:
                 fetched[f] = cached
         todo = [f for f in field_ids if f not in fetched and not self._tracker.is_bad(f)]
+        if self.illum_correction:  # a plate without usable illumination functions: do not download its images
+            for f in list(todo):
+                try:
+                    self._illum_stack(self.fields[f])
+                except BadFileError as error:
+                    fetched[f] = error
+                    todo.remove(f)
         futures = {f: [state.pool.submit(self._decode, loc) for loc in self.fields[f].files] for f in todo}
         for f, channel_futures in futures.items():
             try:
@@ -186,6 +193,8 @@ class _JUMPFields(Dataset):
         if raw is None:
             raw = state.cache.get(f)
         if raw is None:
+            if self.illum_correction:
+                self._illum_stack(self.fields[f])  # a plate without illumination functions: no download
             raw = self._assemble(f, [self._decode(loc) for loc in self.fields[f].files])
         if isinstance(raw, BadFileError):
             raise raw
@@ -228,24 +237,34 @@ class _JUMPFields(Dataset):
         return self.transform(sample) if self.transform is not None else sample
 
     def _illum_stack(self, record: FieldRecord) -> np.ndarray:
-        """[C, H, W] illumination functions (corrected = raw / illum), cached per file; a missing or unreadable one
-        makes the field bad (BadFileError), an index without illum locations is a configuration error."""
+        """[C, H, W] illumination functions (corrected = raw / illum), clamped and cached per plate. A missing or
+        unreadable function makes the field bad (BadFileError); the failure is cached too, so the other fields of
+        that plate fail at once without downloading their images. An index without illum locations is a
+        configuration error."""
         if record.illum is None:
             raise ValueError(
                 f"illum_correction=true but the index of {record.key} names no Illum files "
                 "(expected FileName_Illum<Stain>/PathName_Illum<Stain> columns, or a bucket-layout illum folder)"
             )
         cache = self._process().illum
-        planes = []
-        for location in record.illum:
-            if location not in cache:
-                try:
-                    function = np.load(io.BytesIO(self._read(location)), allow_pickle=False)
-                except (ValueError, OSError, EOFError) as error:
-                    raise BadFileError("undecodable", location, f"{type(error).__name__}: {error}") from error
-                cache[location] = function.astype(np.float32)
-            planes.append(np.maximum(cache[location], 1e-6))
-        return np.stack(planes)
+        if record.illum not in cache:
+            try:
+                cache[record.illum] = np.stack([self._illum_function(location) for location in record.illum])
+            except BadFileError as error:
+                cache[record.illum] = error
+            except ValueError as error:  # np.stack: functions of different shapes
+                cache[record.illum] = BadFileError("bad_shape", record.illum[0], f"illumination functions: {error}")
+        cached = cache[record.illum]
+        if isinstance(cached, BadFileError):
+            raise cached
+        return cached
+
+    def _illum_function(self, location: str) -> np.ndarray:
+        try:
+            function = np.load(io.BytesIO(self._read(location)), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise BadFileError("undecodable", location, f"{type(error).__name__}: {error}") from error
+        return np.maximum(function.astype(np.float32), 1e-6)
 
 
 def _bucket_defaults(index_key: str) -> dict[str, str]:
@@ -331,6 +350,8 @@ class JUMPCellPaintingMultiView(_JUMPFields):
             return path.read_bytes()
         except (FileNotFoundError, IsADirectoryError) as error:
             raise BadFileError("missing", location) from error
+        except OSError as error:  # permissions, stale network mounts, I/O errors: skipped and counted, not a crash
+            raise BadFileError("unreachable", location, f"{type(error).__name__}: {error}") from error
 
 
 @register_dataset("JUMPS3MultiView")

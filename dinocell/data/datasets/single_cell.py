@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import tifffile
 import torch
 from torch.utils.data import Dataset
 
 from dinocell.data.io.bad_files import BadFileError, BadSampleTracker
+from dinocell.data.io.tiff import decode_tiff
 from dinocell.data.normalize import minmax_normalize
 from dinocell.data.registry import register_dataset
 
@@ -92,20 +92,23 @@ class SingleCellFolder(Dataset):
 
     def _load(self, index: int) -> torch.Tensor:
         path = self.files[index]
+        name = str(path)
         try:
-            array = channels_first(tifffile.imread(path))
-        except Exception as error:  # any decoder error: this file is skipped and counted, the run goes on
-            raise BadFileError("undecodable", str(path), f"{type(error).__name__}: {error}") from error
+            array = channels_first(decode_tiff(path.read_bytes(), name))
+        except ValueError as error:  # neither 2-D nor 3-D
+            raise BadFileError("bad_shape", name, str(error)) from error
+        except OSError as error:
+            raise BadFileError("unreachable", name, f"{type(error).__name__}: {error}") from error
         if self.channels is not None:
-            if max(self.channels) >= array.shape[0]:
-                raise ValueError(
-                    f"SingleCellFolder: channels={self.channels} but '{path}' has {array.shape[0]} channels "
-                    f"(valid indices 0..{array.shape[0] - 1})"
-                )
+            if max(self.channels) >= array.shape[0]:  # one odd file is skipped; a wrong `channels` fails every file
+                raise BadFileError(
+                    "bad_shape", name, f"channels={self.channels} but the file has {array.shape[0]} channels "
+                    f"(valid indices 0..{array.shape[0] - 1})",
+                )  # fmt: skip
             array = array[self.channels]
         image = minmax_normalize(torch.from_numpy(array.astype(np.float32)))
         if self.mean is not None:
             if len(self.mean) != image.shape[0]:
-                raise ValueError(f"SingleCellFolder: stats have {len(self.mean)} channels, '{path}' {image.shape[0]}")
+                raise BadFileError("bad_shape", name, f"{image.shape[0]} channels, stats have {len(self.mean)}")
             image = (image - self.mean) / self.std
         return image

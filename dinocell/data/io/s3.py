@@ -65,8 +65,8 @@ def get_bytes(client, bucket: str, key: str, retries: int = 5, base_delay_s: flo
             status = str(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
             if code in MISSING_CODES or status == "404":
                 raise BadFileError("missing", url) from error
-            if code not in RETRYABLE_CODES and status not in RETRYABLE_CODES:
-                raise
+            if code not in RETRYABLE_CODES and status not in RETRYABLE_CODES:  # e.g. 403: no point in retrying
+                raise BadFileError("unreachable", url, f"{code or status}: {error}") from error
             last: Exception = error
         except TRANSIENT_ERRORS as error:
             last = error
