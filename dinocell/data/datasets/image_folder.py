@@ -5,16 +5,13 @@ directly in `root` (no class folders at all) form an unlabelled set (label -1). 
 depth to [0, 1] float32 (8-bit / 255, 16-bit / 65535, so 16-bit PNG and TIFF keep full precision); float TIFFs are
 kept as stored. TIFFs are read with tifffile (multi-channel 16-bit TIFFs are beyond PIL), everything else with PIL.
 
-Unreadable files never stop a run: files whose header does not open are skipped when the folder is scanned, and a file
-that fails to decode later is replaced by the next readable file in order; both are counted (`skipped`) and warned
-about.
+Unreadable files never stop a run: a file that fails to decode is replaced by the next readable file in order, counted
+(`bad_sample_counts()`, shared by all DataLoader workers) and warned about once with its path.
 """
 
 from __future__ import annotations
 
-import logging
 import pathlib
-import warnings
 from typing import Literal
 
 import numpy as np
@@ -23,9 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dinocell.data.io.bad_files import BadFileError, BadSampleTracker
 from dinocell.data.registry import register_dataset
-
-log = logging.getLogger(__name__)
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as PIL's RGB -> L
@@ -47,33 +43,32 @@ class ImageFolder(Dataset):
             candidates = [(f, k) for k, d in enumerate(class_dirs) for f in sorted(d.rglob("*")) if _is_image(f)]
         else:
             candidates = [(f, -1) for f in sorted(self.root.iterdir()) if _is_image(f)]
-        self.samples: list[tuple[pathlib.Path, int]] = []
-        self.skipped = 0
-        for path, label in candidates:
-            if _header_ok(path):
-                self.samples.append((path, label))
-            else:
-                self._skip(path, "header does not open")
+        self.samples: list[tuple[pathlib.Path, int]] = candidates
         if not self.samples:
             raise FileNotFoundError(
-                f"ImageFolder: no readable images ({', '.join(EXTENSIONS)}) under '{self.root}' "
-                f"(expected root/<class>/<image>; {self.skipped} unreadable)"
+                f"ImageFolder: no images ({', '.join(EXTENSIONS)}) under '{self.root}' (expected root/<class>/<image>)"
             )
+        self._tracker = BadSampleTracker(len(self.samples))
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
-        for attempt in range(len(self.samples)):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
-            try:
-                image = self._load(path)
-            except Exception as err:  # any decoder error: count it and move on, never crash a run
-                self._skip(path, f"{type(err).__name__}: {err}")
-                continue
-            sample = {"image": image, "label": label, "id": path.relative_to(self.root).as_posix()}
-            return self.transform(sample) if self.transform is not None else sample
-        raise RuntimeError(f"ImageFolder: no file under '{self.root}' decodes ({self.skipped} failures)")
+        found, image = self._tracker.first_good(index, self._load_index)
+        path, label = self.samples[found]
+        sample = {"image": image, "label": label, "id": path.relative_to(self.root).as_posix()}
+        return self.transform(sample) if self.transform is not None else sample
+
+    def bad_sample_counts(self) -> dict[str, int]:
+        """Distinct undecodable files found so far (all DataLoader workers of this process), plus `total`."""
+        return self._tracker.counts()
+
+    def _load_index(self, index: int) -> torch.Tensor:
+        path = self.samples[index][0]
+        try:
+            return self._load(path)
+        except Exception as err:  # any decoder error: counted and replaced, never a crash of the run
+            raise BadFileError("undecodable", str(path), f"{type(err).__name__}: {err}") from err
 
     def _load(self, path: pathlib.Path) -> torch.Tensor:
         array = tifffile.imread(path) if path.suffix.lower() in (".tif", ".tiff") else _pil_array(path)
@@ -89,24 +84,9 @@ class ImageFolder(Dataset):
             colour = np.repeat(colour, 3, axis=2)
         return torch.from_numpy(np.ascontiguousarray(colour.transpose(2, 0, 1)))
 
-    def _skip(self, path: pathlib.Path, reason: str) -> None:
-        self.skipped += 1
-        warnings.warn(f"ImageFolder: skipping '{path}' ({reason}); {self.skipped} skipped so far", stacklevel=3)
-
 
 def _is_image(path: pathlib.Path) -> bool:
     return path.is_file() and path.suffix.lower() in EXTENSIONS and not path.name.startswith(".")
-
-
-def _header_ok(path: pathlib.Path) -> bool:
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            with tifffile.TiffFile(path) as tif:
-                return len(tif.pages) > 0
-        with Image.open(path):  # opening parses the header only
-            return True
-    except Exception:
-        return False
 
 
 def _pil_array(path: pathlib.Path) -> np.ndarray:
