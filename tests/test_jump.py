@@ -183,8 +183,10 @@ def test_folder_with_its_own_index(tmp_path):
 def test_dataset_string_filters_and_unknown_stain_error(gallery):
     ds = make_dataset(f"JUMPCellPaintingMultiView:root={gallery.root}:plates=BR00117035:channels=DNA,RNA")
     assert len(ds) == 4 and ds[0]["image"].shape == (2, 24, 24)
-    with pytest.raises(ValueError, match="'Actn'.*closest: 'AGP'|'Actn'.*stains are AGP"):
+    with pytest.raises(ValueError, match="'Actn' is not in index .*; its stains are AGP, DNA, ER, Mito, RNA$"):
         JUMPCellPaintingMultiView(root=gallery.root, channels=["DNA", "Actn"])
+    with pytest.raises(ValueError, match="'Mitoo' is not in index .*; closest: 'Mito'"):
+        JUMPCellPaintingMultiView(root=gallery.root, channels=["DNA", "Mitoo"])
 
 
 def test_missing_illumination_function_makes_fields_bad_not_a_crash_mid_batch(tmp_path):

@@ -46,3 +46,14 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as info:
         cli_main(["mean-std", "--help"])
     assert info.value.code == 0 and "--fraction" in capsys.readouterr().out
+
+
+def test_a_standardised_dataset_string_is_refused(tmp_path, capsys):
+    make_cells(tmp_path / "cells", n_per_class=2)
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"mean": [0.5] * 5, "std": [0.2] * 5}))
+    with pytest.raises(SystemExit) as info:
+        dataset = f"SingleCellFolder:root={tmp_path / 'cells'}:stats={stats}"
+        cli_main(["mean-std", dataset, "--out", str(tmp_path / "x")])
+    assert info.value.code == 2 and "give the string without stats=" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     from dinocell.data import make_dataset
 
     dataset = make_dataset(args.dataset)
+    if getattr(dataset, "mean", None) is not None:
+        parser.error(f"'{args.dataset}' already standardises its images (stats=...): give the string without stats=")
     stats = compute_mean_std(dataset, args.fraction, args.seed, args.num_workers, args.batch_size)
     stats.update(dataset=args.dataset, fraction=args.fraction, seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)

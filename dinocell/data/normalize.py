@@ -7,9 +7,19 @@ full precision (16-bit data is never quantised).
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
-NORMALIZATIONS = ("percentile", "zscore", "minmax", "none")
+# The type of a dataset's `normalization=` key: the registry checks dataset strings against it.
+Normalization = Literal["percentile", "zscore", "minmax", "none"]
+NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
+
+
+def check_normalization(method: str, owner: str) -> None:
+    """Fail when a dataset is built, not at its first sample in a worker."""
+    if method not in NORMALIZATIONS:
+        raise ValueError(f"{owner}: normalization='{method}' is not one of {', '.join(NORMALIZATIONS)}")
 
 
 def percentile_normalize(image: torch.Tensor, low: float = 0.1, high: float = 99.9) -> torch.Tensor:
@@ -47,15 +57,16 @@ def minmax_normalize(image: torch.Tensor) -> torch.Tensor:
 
 def normalize_image(image: torch.Tensor, method: str) -> torch.Tensor:
     """Dispatch by name; `method` is one of NORMALIZATIONS."""
-    if method == "percentile":
-        return percentile_normalize(image)
-    if method == "zscore":
-        return zscore_normalize(image)
-    if method == "minmax":
-        return minmax_normalize(image)
-    if method == "none":
-        return image.float()
-    raise ValueError(f"normalization '{method}' is not one of {', '.join(NORMALIZATIONS)}")
+    check_normalization(method, "normalize_image")
+    return _METHODS[method](image)
+
+
+_METHODS = {
+    "percentile": percentile_normalize,
+    "zscore": zscore_normalize,
+    "minmax": minmax_normalize,
+    "none": lambda image: image.float(),
+}
 
 
 def _subsample(flat: torch.Tensor, max_values: int = 1 << 16) -> torch.Tensor:

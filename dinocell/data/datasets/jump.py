@@ -19,7 +19,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -39,10 +38,8 @@ from dinocell.data.io.index import (
 )
 from dinocell.data.io.s3 import get_bytes, list_folders, list_keys, make_client
 from dinocell.data.io.tiff import decode_tiff
-from dinocell.data.normalize import normalize_image
+from dinocell.data.normalize import Normalization, check_normalization, normalize_image
 from dinocell.data.registry import register_dataset
-
-Normalization = Literal["percentile", "zscore", "none"]
 
 
 @dataclass
@@ -74,6 +71,7 @@ class _JUMPFields(Dataset):
             raise ValueError(f"crops_per_field={crops_per_field} must be >= 1 (1 = one sample per field)")
         if concurrency < 1:
             raise ValueError(f"concurrency={concurrency} must be >= 1")
+        check_normalization(normalization, type(self).__name__)
         if cache_size < 0:
             raise ValueError(f"cache_size={cache_size} must be >= 0 (0 disables the field cache)")
         self.channels = list(channels) if channels else list(STAINS)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dinocell.data.normalize import NORMALIZATIONS, normalize_image
+from dinocell.data.normalize import Normalization, check_normalization, normalize_image
 from dinocell.data.registry import register_dataset
 
 CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
@@ -41,7 +41,6 @@ _CLASS_TABLE_SEED = 20240501  # class definitions are fixed, independent of the 
 _SPLIT_CODES = {"train": 0, "test": 1}
 _DNA, _ER, _RNA, _AGP, _MITO = range(5)
 
-Normalization = Literal[NORMALIZATIONS]  # type: ignore[valid-type]
 
 
 def phenotype_table(n_classes: int) -> np.ndarray:
@@ -74,8 +73,7 @@ class SyntheticCellPainting(Dataset):
             raise ValueError(f"SyntheticCellPainting: cell_radius={cell_radius} must lie in [2, image_size]")
         if split not in _SPLIT_CODES:
             raise ValueError(f"SyntheticCellPainting: split='{split}' must be one of {', '.join(_SPLIT_CODES)}")
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"SyntheticCellPainting: normalization='{normalization}' not in {NORMALIZATIONS}")
+        check_normalization(normalization, "SyntheticCellPainting")
         self.size, self.image_size, self.seed, self.split = size, image_size, seed, split
         self.cell_radius, self.normalization, self.transform = cell_radius, normalization, transform
         self.classes = [f"phenotype_{k}" for k in range(n_classes)]
