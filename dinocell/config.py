@@ -160,8 +160,6 @@ def validate_config(cfg: DictConfig, origins: dict[str, str] | None = None) -> N
     for key, value in values.items():  # naming conventions of the YAML, so new keys get the rule too
         if "probability" in key and value is not None and not 0 <= value <= 1:
             fail(key, "a probability must lie in [0, 1]")
-        if key.endswith("_range") and value is not None and not (len(value) == 2 and 0 <= value[0] <= value[1]):
-            fail(key, "must be [low, high] with 0 <= low <= high")
     for key, zero_ok in UNIT_RANGES.items():
         if key in values:
             pair = values[key]
@@ -174,6 +172,7 @@ def validate_config(cfg: DictConfig, origins: dict[str, str] | None = None) -> N
     for key in DATASET_STRINGS:
         if values.get(key) or key == "train.dataset_path" and key in values:
             _check_dataset_string(key, values[key], fail)
+    _check_crop_settings(cfg, origins)
 
 
 def config_to_yaml(cfg: DictConfig) -> str:
@@ -295,6 +294,21 @@ def _type_label(expected: Any) -> str:
     return {float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(
         expected, expected.__name__
     )
+
+
+def _check_crop_settings(cfg: DictConfig, origins: dict[str, str]) -> None:
+    """The crop pipeline's own rules (views, per-group probabilities, factor ranges, mean/std) live with it; running
+    them here makes a bad value fail at start-up, not after the model is built."""
+    if "crops" not in cfg:
+        return
+    from dinocell.data.loaders import build_crop_settings
+
+    try:
+        build_crop_settings(cfg)
+    except ValueError as err:
+        key = str(err).split("=", 1)[0].split(" ", 1)[0]  # messages start with the key, e.g. "crops.blur_sigma=..."
+        sources = sorted({origin for k, origin in origins.items() if k == key or k.startswith(key + ".")})
+        raise ConfigError(f"{err}" + (f" (set in {', '.join(sources)})" if sources else "")) from None
 
 
 def _check_dataset_string(key: str, dataset_str: Any, fail: Callable[[str, str], None]) -> None:

@@ -58,9 +58,11 @@ def test_override_types(tmp_path):
             "student.pretrained_weights=/w/teacher_checkpoint.pth",
             "student.layerscale=null",
             "train.dataset_path=ImageFolder:root=/data/imgs:channels=1",
-            "crops.channel_mean=[0.5,0.5,0.5,0.5,0.5]",
+            "crops.channel_mean=[0.5,0.5,0.5,0.5,1]",
+            "crops.channel_std=[0.2,0.2,0.2,0.2,0.2]",
         ]
     )
+    assert cfg.crops.channel_mean == [0.5, 0.5, 0.5, 0.5, 1.0] and isinstance(cfg.crops.channel_mean[4], float)
     assert cfg.train.batch_size_per_gpu == 32
     assert cfg.crops.global_crops_scale == [0.4, 1.0] and isinstance(cfg.crops.global_crops_scale[1], float)
     assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1.0
@@ -133,7 +135,11 @@ def test_base_errors(tmp_path):
         ("optim.layerwise_decay=0", "must be > 0"),
         ("crops.blur_probability.local=1.5", r"crops\.blur_probability\.local=1\.5 .*probability must lie in \[0, 1\]"),
         ("crops.intensity_aug_probability=-0.1", "probability must lie in"),
-        ("crops.gamma_range=[1.2,0.8]", r"crops\.gamma_range=\[1\.2, 0\.8\] .*0 <= low <= high"),
+        ("crops.gamma_range=[1.2,0.8]", r"gamma_range=\[1\.2, 0\.8\]: expected 1e-06 <= low <= high \(set in the"),
+        ("crops.blur_sigma=[2.0,0.1]", r"crops\.blur_sigma=\[2\.0, 0\.1\]: expected 1e-06 <= low <= high"),
+        ("crops.channel_views.local=avg", r"channel_views\.local='avg': expected one of all, mean, single"),
+        ("crops.local_masked_crops_fraction=2.0", r"local_masked_crops_fraction=2\.0: expected a share in \[0, 1\]"),
+        ("crops.channel_mean=[0.5,0.5]", r"channel_mean=\(0\.5, 0\.5\) and crops\.channel_std=None: expected both"),
     ],
 )
 def test_wrong_types_and_impossible_values_name_the_key(override, message):
