@@ -139,8 +139,19 @@ def test_non_strict_loading_reports_missing_and_unexpected() -> None:
         load_pretrained(dst, src)
     report = load_pretrained(dst, src, strict=False)
     assert (report.missing, report.unexpected) == (["norm.weight"], ["extra.thing"])
-    assert torch.equal(dst.norm.bias, src["norm.bias"])
+    assert torch.equal(dst.blocks[0].attn.qkv.weight, src["blocks.0.attn.qkv.weight"])  # random: really loaded
     assert "missing ['norm.weight']" in str(report)
+
+
+def test_every_container_must_hold_tensors(tmp_path):
+    """Eval dumps, training checkpoints and directories get the same checks as a plain state dict file."""
+    with pytest.raises(ValueError, match=r"not tensors: \['cls_token'\]"):
+        load_pretrained(_tiny(), {"teacher": {"backbone.cls_token": 3}})
+    run = tmp_path / "ckpt" / "10"
+    run.mkdir(parents=True)
+    torch.save([1, 2], run / "checkpoint.pth")
+    with pytest.raises(ValueError, match=r"checkpoint\.pth holds a list, expected a dict of tensors"):
+        load_pretrained(_tiny(), run)
 
 
 @dataclasses.dataclass

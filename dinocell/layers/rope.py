@@ -25,6 +25,8 @@ class RopePositionEmbedding(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
         head_dim = embed_dim // num_heads
         if head_dim % 4:
             raise ValueError(

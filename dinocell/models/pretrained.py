@@ -89,10 +89,7 @@ def _read(source: str | Path | Mapping) -> tuple[Mapping, str]:
         raise FileNotFoundError(f"directory {path} holds none of the expected weight files {list(CHECKPOINT_FILES)}")
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights not found: {path} is neither a file nor a directory")
-    obj = _read_file(path)
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors (a state dict)")
-    return obj, str(path)
+    return _read_file(path), str(path)
 
 
 def _strip_prefix(state_dict: Mapping, prefix: str) -> dict:
@@ -146,8 +143,20 @@ def hf_to_official(state_dict: Mapping) -> dict:
     return out
 
 
-def backbone_state_dict(obj: Mapping) -> tuple[dict, str]:
-    """The backbone's official-layout state dict inside any supported container, and the layout's name."""
+def backbone_state_dict(obj: object, name: str = "<state dict>") -> tuple[dict, str]:
+    """The backbone's official-layout state dict inside any supported container, and the layout's name. Whatever
+    the container (file, directory, URL, training checkpoint, eval dump), the result must be a dict of tensors."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{name} holds a {type(obj).__name__}, expected a dict of tensors (a state dict)")
+    sd, layout = _find_backbone(obj)
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{name}: expected a state dict of tensors, but these entries are not tensors: {bad[:5]}")
+    return sd, layout
+
+
+def _find_backbone(obj: Mapping) -> tuple[dict, str]:
+    """Pick the backbone entries by container layout: training checkpoint, eval dump, Hugging Face, official."""
     if isinstance(obj.get("model"), Mapping):
         for prefix in ("teacher.backbone.", "student.backbone."):
             if sd := _strip_prefix(obj["model"], prefix):
@@ -157,9 +166,6 @@ def backbone_state_dict(obj: Mapping) -> tuple[dict, str]:
         if sd := _strip_prefix(obj["teacher"], "backbone."):
             return sd, "eval dump (teacher.backbone)"
         raise ValueError("eval dump has no 'backbone.*' keys under 'teacher'")
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"expected a state dict of tensors, but these entries are not tensors: {bad[:5]}")
     if any(k.startswith("embeddings.") for k in obj):
         return hf_to_official(obj), "hugging face DINOv3ViTModel"
     return dict(obj), "official DINOv3"
@@ -224,7 +230,7 @@ def load_pretrained(
     fits. Shape mismatches that cannot be adapted always raise.
     """
     obj, name = _read(source)
-    sd, layout = backbone_state_dict(obj)
+    sd, layout = backbone_state_dict(obj, name)
     report = LoadReport(source=name, layout=layout)
     _check_and_adapt(backbone, sd, report.adapted)
     own = backbone.state_dict()

@@ -221,14 +221,13 @@ class DinoVisionTransformer(nn.Module):
             raise ValueError(f"block indices must be in [0, {self.n_blocks - 1}] (n <= {self.n_blocks}), got {n}")
         h, w = self.patch_embed.grid_size(x)
         t, rope = self._tokens(x, None)
-        taken = []
+        taken = {}
         for i, block in enumerate(self.blocks[: max(indices) + 1]):
             t = block(t, rope)
-            if i in indices:
-                taken.append(t)
+            taken[i] = t
         n_prefix = 1 + self.n_storage_tokens
         outputs = []
-        for t in taken:
+        for t in (taken[i] for i in indices):  # in the order asked for, repeats included
             prefix, patches = self._norm(t) if norm else (t[:, :n_prefix], t[:, n_prefix:])
             if reshape:
                 patches = patches.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
