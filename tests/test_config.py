@@ -17,6 +17,7 @@ from dinocell.config import (
     POSITIVE,
     UNIT_RANGES,
     ConfigError,
+    _leaves,
     config_to_yaml,
     load_config,
     save_config,
@@ -175,20 +176,12 @@ def test_save_and_print_round_trip(tmp_path):
 
 
 def test_rule_tables_name_existing_keys_and_nullable_defaults_are_typed():
-    keys = {k for k, _ in _leaf_items(OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIG)))}
+    keys = {k for k, _ in _leaves(OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIG)))}
     for key in [*CHOICES, *POSITIVE, *NON_NEGATIVE, *AT_MOST_ONE, *UNIT_RANGES, *NULLABLE_TYPES, *DATASET_STRINGS]:
         assert key in keys, f"validation rule for {key}, which the default YAML does not have"
-    defaults = dict(_leaf_items(OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIG))))
+    defaults = dict(_leaves(OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIG))))
     untyped = [k for k, v in defaults.items() if v is None and k not in NULLABLE_TYPES]
     assert not untyped, f"null defaults need a type in dinocell.config.NULLABLE_TYPES: {untyped}"
-
-
-def _leaf_items(node, prefix=""):
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _leaf_items(value, f"{prefix}{key}.")
-    else:
-        yield prefix[:-1], node
 
 
 @pytest.mark.parametrize("recipe", sorted((pathlib.Path(__file__).parents[1] / "configs").rglob("*.yaml")), ids=str)

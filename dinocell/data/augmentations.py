@@ -108,10 +108,18 @@ def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.where(x >= threshold, 1.0 - x, x)
 
 
+_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+_FROM_YIQ = torch.linalg.inv(_TO_YIQ)
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma [H, W] of a [3, H, W] RGB tensor (the Y row of YIQ)."""
+    return 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
+
+
 def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
     """ITU-R 601 luma of a [3, H, W] RGB tensor, kept as 3 identical channels."""
-    luma = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
-    return luma.expand(3, -1, -1).clone()
+    return _luma(x).expand(3, -1, -1).clone()
 
 
 def rgb_color_jitter(
@@ -121,15 +129,14 @@ def rgb_color_jitter(
     a hue shift in turns (fraction of a full circle), applied in that order. The hue shift rotates the chroma plane
     of YIQ, a cheap tensor-only stand-in for the HSV hue shift of torchvision."""
     x = (x * brightness).clamp(0, 1)
-    grey_mean = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).mean()
+    grey_mean = _luma(x).mean()
     x = (grey_mean + (x - grey_mean) * contrast).clamp(0, 1)
-    grey = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
+    grey = _luma(x)
     x = (grey + (x - grey) * saturation).clamp(0, 1)
     if hue:
-        to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
         cos, sin = math.cos(2 * math.pi * hue), math.sin(2 * math.pi * hue)
-        rotate = torch.tensor([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
-        matrix = torch.linalg.inv(to_yiq) @ rotate @ to_yiq
+        rotate = torch.tensor([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]], dtype=torch.float64)
+        matrix = (_FROM_YIQ @ rotate @ _TO_YIQ).to(x.dtype)
         x = torch.einsum("ij,jhw->ihw", matrix, x).clamp(0, 1)
     return x
 

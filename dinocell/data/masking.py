@@ -97,12 +97,9 @@ class IBotMaskPlanner:
         self.seed = seed
         self.generator = BlockMaskGenerator(grid_size)
         self.num_patches = grid_size * grid_size
-        self._plan_cache: tuple[int, list[float]] | None = None
 
     def plan(self, global_batch: int) -> list[float]:
         """Mask ratio of each of the 2*GB global crops (crop-major: index j*GB + k), 0.0 = not masked."""
-        if self._plan_cache is not None and self._plan_cache[0] == global_batch:
-            return self._plan_cache[1]
         n_crops = 2 * self.global_batch_size
         n_masked = int(n_crops * self.mask_sample_probability)
         rng = random.Random(derive_seed(self.seed, SeedStream.MASK_PLAN, global_batch))
@@ -112,7 +109,6 @@ class IBotMaskPlanner:
         ratios = [0.0] * n_crops
         for i in range(n_masked):
             ratios[order[i]] = rng.uniform(bounds[i], bounds[i + 1])
-        self._plan_cache = (global_batch, ratios)
         return ratios
 
     def __call__(self, positions: Sequence[int]) -> torch.Tensor:

@@ -22,7 +22,10 @@ from safetensors.torch import load_file
 
 from dinocell.models.vision_transformer import ARCHS, DinoVisionTransformer
 
-CHECKPOINT_FILES = ("checkpoint.pth", "teacher_checkpoint.pth", "model.safetensors", "model.safetensors.index.json")
+# File names inside a run's directories (written by dinocell.train.checkpoint, which imports them from here).
+CHECKPOINT_FILE = "checkpoint.pth"
+TEACHER_FILE = "teacher_checkpoint.pth"
+CHECKPOINT_FILES = (CHECKPOINT_FILE, TEACHER_FILE, "model.safetensors", "model.safetensors.index.json")
 # Buffers computed from the architecture; Hugging Face files do not store them.
 COMPUTED_BUFFERS = re.compile(r"^(rope_embed\.periods|blocks\.\d+\.attn\.qkv\.bias_mask)$")
 

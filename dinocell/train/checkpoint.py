@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from dinocell.models.pretrained import CHECKPOINT_FILE, TEACHER_FILE
+
 logger = logging.getLogger("dinocell")
-CHECKPOINT_FILE = "checkpoint.pth"
-TEACHER_FILE = "teacher_checkpoint.pth"
 
 
 def _fsync_dir(path: Path) -> None:
