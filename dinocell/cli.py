@@ -1,7 +1,7 @@
 """`dinocell <command> ...`: one entry point that dispatches to each tool's own `main(argv)`.
 
-Commands are imported lazily so that `dinocell --help` is instant and one tool's optional dependencies never
-break another. Nothing imports this module.
+Commands (dinocell/commands/) are imported lazily so that `dinocell --help` is instant and one tool's optional
+dependencies never break another. Nothing imports this module.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import sys
 
 # command -> (module with a `main(argv: list[str] | None) -> int | None`, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("dinocell.train.train", "self-supervised training (DINO + iBOT + KoLeo) from a YAML config"),
-    "datasets": ("dinocell.data.registry", "list registered datasets and the keys their strings accept"),
-    "mean-std": ("dinocell.data.mean_std", "per-channel dataset mean/std JSON (scDINO normalisation step)"),
-    "knn": ("dinocell.eval.knn", "k-NN classification of a checkpoint's features on labelled datasets"),
+    "train": ("dinocell.commands.train", "self-supervised training (DINO + iBOT + KoLeo) from a YAML config"),
+    "datasets": ("dinocell.commands.datasets", "list registered datasets and the keys their strings accept"),
+    "mean-std": ("dinocell.commands.mean_std", "per-channel dataset mean/std JSON (scDINO normalisation step)"),
+    "knn": ("dinocell.commands.knn", "k-NN classification of a checkpoint's features on labelled datasets"),
 }
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import subprocess
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -87,3 +89,26 @@ def barrier() -> None:
 def destroy() -> None:
     if is_enabled():
         dist.destroy_process_group()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """`obj` of every rank, in rank order (a one-element list in a single process)."""
+    if not is_enabled():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The module the training step calls: DistributedDataParallel around `model` when several processes train.
+
+    DDP averages the gradients of the parameters that require them (the student's) during backward, bucketed and
+    overlapped with computation; buffers are not broadcast (they are constants, or updated identically on every rank).
+    """
+    if not is_enabled():
+        return model
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+    )
+

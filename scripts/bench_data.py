@@ -23,20 +23,16 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import tifffile
 import torch
-from omegaconf import OmegaConf
 
-import dinocell
-from dinocell.data.collate import collate_ssl_batch
+from dinocell.config import CROP_GROUPS, load_config
 from dinocell.data.datasets.synthetic import SyntheticCellPainting
-from dinocell.data.loaders import build_mask_planner, build_ssl_transform
 from dinocell.data.normalize import normalize_image
-
-DEFAULT_YAML = Path(dinocell.__file__).parent / "configs" / "ssl_default_config.yaml"
+from dinocell.pipeline.collate import collate_ssl_batch
+from dinocell.pipeline.loaders import build_mask_planner, build_ssl_transform
 
 
 def rate(step: Callable[[int], object], seconds: float, min_calls: int = 3) -> tuple[float, float]:
@@ -62,17 +58,16 @@ def bench_size(size: int, args: argparse.Namespace) -> dict[str, tuple[float, fl
         lambda i: normalize_image(torch.from_numpy(raw.astype(np.float32)), "percentile"), args.seconds
     )
     sample = {"image": normalize_image(torch.from_numpy(raw.astype(np.float32)), "percentile"), "label": 0, "id": "f"}
-    cfg = OmegaConf.load(DEFAULT_YAML)
-    cfg.student.in_chans = raw.shape[0]
-    cfg.crops.channel_views = dict(zip(("global1", "global2", "local"), args.views))
+    views = [f"crops.channel_views.{group}={view}" for group, view in zip(CROP_GROUPS, args.views)]
+    cfg = load_config(overrides=[f"student.in_chans={raw.shape[0]}", *views])
     transform = build_ssl_transform(cfg)
     results["crops"] = rate(lambda i: transform(sample, i), args.seconds)
     planner = build_mask_planner(cfg, args.batch_size)
     b = args.batch_size
 
     def batch(i: int) -> None:
-        crops = [transform(sample, i * b + k) for k in range(b)]
-        collate_ssl_batch(crops, planner, int(cfg.crops.local_crops_size))
+        items = [(transform(sample, i * b + k), i * b + k) for k in range(b)]
+        collate_ssl_batch(items, planner, cfg.crops.local_crops_size)
 
     results["crops+collate"] = tuple(r * b for r in rate(batch, args.seconds, min_calls=1))
     return results

@@ -22,8 +22,10 @@ import time
 import torch
 
 from dinocell.config import load_config
+from dinocell.pipeline.batch import SSLBatch
 from dinocell.train.meta_arch import SSLMetaArch
-from dinocell.train.optim import apply_schedule, build_optimizer, param_groups
+from dinocell.train.optim import build_optimizer, param_groups
+from dinocell.train.step import TrainStep
 
 
 def vit_forward_flops(cfg, backbone, image_size: int) -> float:
@@ -52,18 +54,22 @@ def train_flops(cfg, backbone, batch: int, n_masked: int) -> float:
     return 3 * student + teacher
 
 
-def random_batch(cfg, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+def random_batch(cfg, batch: int, device: torch.device) -> SSLBatch:
     g, loc, n_local, c = (cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number,
                           cfg.student.in_chans)
     n = (g // cfg.student.patch_size) ** 2
     masks = torch.zeros(2 * batch, n, dtype=torch.bool)
     masks[: batch, : int(0.3 * n)] = True  # half the global crops masked at the middle of the 0.1-0.5 ratio range
-    return {
-        "collated_global_crops": torch.randn(2 * batch, c, g, g, device=device),
-        "collated_local_crops": torch.randn(n_local * batch, c, loc, loc, device=device),
-        "collated_masks": masks.to(device),
-        "mask_indices_list": masks.flatten().nonzero().flatten().to(device),
-    }
+    per_crop = masks.sum(dim=-1, keepdim=True).clamp(min=1).float()
+    return SSLBatch(
+        global_crops=torch.randn(2 * batch, c, g, g),
+        local_crops=torch.randn(n_local * batch, c, loc, loc),
+        masks=masks,
+        mask_indices=masks.flatten().nonzero().flatten(),
+        mask_weights=(1.0 / per_crop).expand_as(masks)[masks],
+        n_global_crops=2,
+        n_local_crops=n_local,
+    ).to(device)
 
 
 def bench(args: argparse.Namespace, patch_size: int) -> dict[str, float]:
@@ -72,21 +78,14 @@ def bench(args: argparse.Namespace, patch_size: int) -> dict[str, float]:
                                          *args.overrides])
     torch.manual_seed(0)
     model = SSLMetaArch(cfg).to(device).train()
-    params = [p for p in model.student.parameters() if p.requires_grad]
     optimizer = build_optimizer(param_groups(model.student, n_blocks=model.student.backbone.n_blocks,
-                                             layerwise_decay=0.9, patch_embed_lr_mult=0.2), cfg)
-    apply_schedule(optimizer, lr=1e-4, last_layer_lr=1e-4, weight_decay=0.04)
+                                             layerwise_decay=0.9, patch_embed_lr_mult=0.2), cfg.optim)
+    train_step = TrainStep(model, optimizer, device=device, clip_grad=3.0, autocast_dtype="bf16")
+    values = {"lr": 1e-4, "last_layer_lr": 1e-4, "weight_decay": 0.04, "teacher_temp": 0.07, "momentum": 0.992}
     batch = random_batch(cfg, args.batch_size, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss, _ = model(batch, teacher_temp=0.07)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 3.0)
-        optimizer.step()
-        model.update_teacher(0.992)
+        train_step(batch, values)
 
     for _ in range(args.warmup):
         step()
@@ -99,7 +98,7 @@ def bench(args: argparse.Namespace, patch_size: int) -> dict[str, float]:
     if device.type == "cuda":
         torch.cuda.synchronize()
     s_per_iter = (time.perf_counter() - start) / args.iters
-    flops = train_flops(cfg, model.student.backbone, args.batch_size, len(batch["mask_indices_list"]))
+    flops = train_flops(cfg, model.student.backbone, args.batch_size, len(batch.mask_indices))
     result = {"s_per_iter": s_per_iter, "images_per_s": args.batch_size / s_per_iter,
               "gflops_per_iter": flops / 1e9, "achieved_tflops": flops / s_per_iter / 1e12}
     if device.type == "cuda":

@@ -266,7 +266,7 @@ def test_bad_inputs_raise_clear_errors(tiny) -> None:
         tiny(torch.randn(1, 5, 30, 32))
     with pytest.raises(ValueError, match=r"expected an image batch \[B, C, H, W\]"):
         tiny(torch.randn(5, 32, 32))
-    with pytest.raises(ValueError, match=r"unknown arch 'vit_smal'; expected one of .*closest: 'vit_small'"):
+    with pytest.raises(ValueError, match=r"unknown architecture 'vit_smal'; expected one of .*closest 'vit_small'"):
         build_backbone("vit_smal")
     with pytest.raises(ValueError, match=r"head_dim .* divisible by 4, got 36/6 = 6"):
         build_backbone("vit_test", embed_dim=36, num_heads=6)

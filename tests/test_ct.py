@@ -82,7 +82,7 @@ def test_invalid_arguments_name_the_value(tmp_path):
 
 def test_half_of_the_local_crops_are_masked(tmp_path):
     from dinocell.config import load_config
-    from dinocell.data.loaders import build_ssl_transform
+    from dinocell.pipeline.loaders import build_ssl_transform
 
     hu = np.full((3, 48, 48), -400, np.int16)
     lung = np.zeros((3, 48, 48), bool)

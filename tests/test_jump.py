@@ -112,20 +112,21 @@ def test_crop_sets_of_a_field_share_one_normalisation(gallery, monkeypatch):
 
 
 def test_training_loader_downloads_each_field_once_for_its_crop_sets(gallery):
-    from dinocell.data.loaders import build_ssl_loader
-    from dinocell.data.masking import IBotMaskPlanner
+    from dinocell.pipeline.loaders import build_ssl_loader
+    from dinocell.pipeline.masking import IBotMaskPlanner
 
     ds = CountingReads(root=gallery.root, sources=["source_4"], crops_per_field=2, cache_size=0)
-    planner = IBotMaskPlanner(global_batch_size=4, grid_size=2, mask_sample_probability=0.5,
+    planner = IBotMaskPlanner(global_batch_size=4, n_global_crops=2, grid_size=2, mask_sample_probability=0.5,
                               mask_ratio_min_max=(0.1, 0.5), seed=0)
-    loader = build_ssl_loader(ds, lambda sample, position: sample | {"global_crops": [sample["image"][:, :16, :16]] * 2,
-                                                                       "local_crops": [], "position": position},
+    loader = build_ssl_loader(ds, lambda sample, position: {"global_crops": [sample["image"][:, :16, :16]] * 2,
+                                                            "local_crops": []},
                               planner, batch_size_per_rank=4, local_crops_size=8)
     before = CountingReads.reads
     batches = [batch for _, batch in zip(range(2), loader)]
     assert CountingReads.reads - before == 4 * 5  # 2 batches x 2 fields x 5 stains, even with no cache at all
-    for batch in batches:
-        assert batch["ids"][0] == batch["ids"][1] and batch["ids"][2] == batch["ids"][3]
+    for batch in batches:  # crops 0 and 1 (and 2 and 3) are cut from the same field's image
+        crops = batch.global_crops[:4]
+        assert torch.equal(crops[0], crops[1]) and torch.equal(crops[2], crops[3])
 
 
 def test_cached_fields_of_a_batch_survive_evictions_by_its_new_fields(gallery):

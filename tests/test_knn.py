@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinocell.data import SampleDataset
 from dinocell.eval import extract_features, knn_classify
 
 
@@ -76,7 +77,7 @@ def test_knn_rejects_bad_inputs():
         knn_classify(x, y, x, y, k=1, temperature=0.0, num_classes=2)
 
 
-class _Samples(torch.utils.data.Dataset):
+class _Samples(SampleDataset):
     """Records with 2 x 4 x 4 images whose first pixel encodes the index; counts batch fetches."""
 
     def __init__(self, n: int) -> None:
@@ -153,10 +154,10 @@ def _tiny_run(tmp_path) -> tuple[str, str, nn.Module]:
 
 @pytest.mark.slow
 def test_knn_cli_scores_the_checkpoint(tmp_path, capsys):
+    from dinocell.commands.knn import main
     from dinocell.config import load_config
     from dinocell.data import make_dataset
-    from dinocell.data.loaders import build_eval_transform
-    from dinocell.eval.knn import main
+    from dinocell.pipeline.loaders import build_eval_transform
 
     config, dump, backbone = _tiny_run(tmp_path)
     common = ["--config-file", config, "--train", TRAIN_SET, "--test", TEST_SET, "--num-workers", "0"]
@@ -176,7 +177,7 @@ def test_knn_cli_scores_the_checkpoint(tmp_path, capsys):
 
 def test_knn_cli_help_and_missing_datasets(tmp_path, capsys):
     from dinocell.cli import main as dinocell_main
-    from dinocell.eval.knn import main
+    from dinocell.commands.knn import main
 
     with pytest.raises(SystemExit) as exit_info:
         dinocell_main(["knn", "--help"])

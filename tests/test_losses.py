@@ -153,16 +153,20 @@ def test_dino_loss_rejects_empty_and_mismatched_inputs():
 
 
 # ---------------------------------------------------------------------------- iBOT
+def mask_weights(masks: torch.Tensor) -> torch.Tensor:
+    """1 / (masked patches of the crop) per masked patch, row-major, by a plain loop (what collate precomputes)."""
+    return torch.tensor([1.0 / int(row.sum()) for row in masks for flag in row if flag])
+
+
 def test_ibot_loss_by_hand():
     # crop 0 has 1 masked patch (weight 1), crop 1 has 2 (weights 1/2); result divided by B = 2 crops
     masks = torch.tensor([[True, False, False], [True, True, False]])
     student = torch.tensor([LOGITS_34] * 3)
     teacher = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
     expected = (CE_34_1 + (CE_34_2 + (CE_34_1 + CE_34_2) / 2) / 2) / 2
-    assert ibot_loss(student, teacher, masks).item() == pytest.approx(expected, abs=1e-6)
-    # an unmasked crop still counts in the denominator B
-    unmasked_extra = torch.cat([masks, torch.zeros(2, 3, dtype=torch.bool)])
-    assert ibot_loss(student, teacher, unmasked_extra).item() == pytest.approx(expected / 2, abs=1e-6)
+    assert ibot_loss(student, teacher, mask_weights(masks), 2).item() == pytest.approx(expected, abs=1e-6)
+    # unmasked crops still count in the denominator (4 crops, the same masked patches)
+    assert ibot_loss(student, teacher, mask_weights(masks), 4).item() == pytest.approx(expected / 2, abs=1e-6)
 
 
 def test_ibot_loss_matches_loop_definition():
@@ -171,23 +175,25 @@ def test_ibot_loss_matches_loop_definition():
     n = int(masks.sum())
     student = torch.randn(n, 11, requires_grad=True)
     teacher = torch.softmax(torch.randn(n, 11), -1)
-    ours, ref = ibot_loss(student, teacher, masks), loop_ibot(student, teacher, masks, TEMP)
+    ours = ibot_loss(student, teacher, mask_weights(masks), masks.shape[0])
+    ref = loop_ibot(student, teacher, masks, TEMP)
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(*(torch.autograd.grad(v, student)[0] for v in (ours, ref)))
 
 
 def test_ibot_loss_without_masked_patches_is_zero_with_graph():
     student = torch.zeros(0, 4, requires_grad=True)
-    loss = ibot_loss(student, torch.zeros(0, 4), torch.zeros(2, 3, dtype=torch.bool))
+    loss = ibot_loss(student, torch.zeros(0, 4), torch.zeros(0), 2)
     assert loss.item() == 0.0
     loss.backward()  # DDP needs the iBOT head in the graph on every rank, even one without masked patches
     assert student.grad.shape == (0, 4)
 
 
-def test_ibot_loss_rejects_rows_that_do_not_match_masks():
-    masks = torch.tensor([[True, False], [True, True]])
-    with pytest.raises(ValueError, match="M = 3"):
-        ibot_loss(torch.zeros(2, 4), torch.zeros(2, 4), masks)
+def test_ibot_loss_rejects_rows_that_do_not_match_the_weights():
+    with pytest.raises(ValueError, match=r"mask_weights \(3,\) must be \[M\] = \[2\]"):
+        ibot_loss(torch.zeros(2, 4), torch.zeros(2, 4), torch.ones(3), 2)
+    with pytest.raises(ValueError, match="both be"):
+        ibot_loss(torch.zeros(2, 4), torch.zeros(3, 4), torch.ones(2), 2)
 
 
 # ---------------------------------------------------------------------------- KoLeo

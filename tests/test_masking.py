@@ -5,12 +5,13 @@ import random
 import pytest
 import torch
 
-from dinocell.data.masking import BlockMaskGenerator, IBotMaskPlanner
+from dinocell.pipeline.masking import BlockMaskGenerator, IBotMaskPlanner
 
 
 def planner(global_batch_size: int = 8, grid: int = 14, p: float = 0.5, ratios=(0.1, 0.5), seed: int = 0):
     return IBotMaskPlanner(
         global_batch_size=global_batch_size,
+        n_global_crops=2,
         grid_size=grid,
         mask_sample_probability=p,
         mask_ratio_min_max=ratios,

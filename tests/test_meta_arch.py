@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-import dinocell
+from dinocell.config import load_config
 from dinocell.loss import dino_loss, sinkhorn_knopp
+from dinocell.pipeline.batch import SSLBatch
 from dinocell.train.meta_arch import SSLMetaArch
 
 TINY = [
@@ -19,9 +19,7 @@ TINY = [
 
 
 def _cfg(*extra):
-    """The default config with overrides (merged directly: these tests are about the model, not config loading)."""
-    default = OmegaConf.load(Path(dinocell.__file__).parent / "configs" / "ssl_default_config.yaml")
-    return OmegaConf.merge(default, OmegaConf.from_dotlist(TINY + list(extra)))
+    return load_config(overrides=TINY + list(extra))
 
 
 def _batch(cfg, b=3, masked=True):
@@ -32,12 +30,16 @@ def _batch(cfg, b=3, masked=True):
     if masked:
         masks[0, :2] = True
         masks[4, 1:4] = True
-    return {
-        "collated_global_crops": torch.randn(2 * b, 3, g, g, generator=gen),
-        "collated_local_crops": torch.randn(n_local * b, 3, loc, loc, generator=gen),
-        "collated_masks": masks,
-        "mask_indices_list": masks.flatten().nonzero().flatten(),
-    }
+    per_crop = masks.sum(dim=-1, keepdim=True).clamp(min=1).float()
+    return SSLBatch(
+        global_crops=torch.randn(2 * b, 3, g, g, generator=gen),
+        local_crops=torch.randn(n_local * b, 3, loc, loc, generator=gen),
+        masks=masks,
+        mask_indices=masks.flatten().nonzero().flatten(),
+        mask_weights=(1.0 / per_crop).expand_as(masks)[masks],
+        n_global_crops=2,
+        n_local_crops=n_local,
+    )
 
 
 def test_state_dict_layout_and_teacher_is_frozen_copy():
@@ -64,9 +66,10 @@ def test_ema_update_exact():
             p.add_(torch.randn_like(p))
     s = [p.clone() for p in model.student.parameters()]
     t = [p.clone() for p in model.teacher.parameters()]
-    model.update_teacher(0.9)
+    model.update_teacher(0.9, {"dino_center": torch.full_like(model.dino_center, 2.0)})
     for ps, pt, new in zip(s, t, model.teacher.parameters()):
         torch.testing.assert_close(new, 0.9 * pt + 0.1 * ps, rtol=0, atol=1e-6)
+    assert (model.dino_center == 2.0).all() and (model.ibot_center == 0.0).all()  # centers given are taken
 
 
 def test_loss_combination_follows_dinov3_weights():
@@ -74,7 +77,8 @@ def test_loss_combination_follows_dinov3_weights():
     torch.manual_seed(0)
     model = SSLMetaArch(cfg).train()
     batch = _batch(cfg)
-    total, terms = model(batch, teacher_temp=0.05)
+    total, terms, centers = model(batch, teacher_temp=0.05)
+    assert centers == {}  # Sinkhorn-Knopp has no running state
     # 2 global, 2 local crops: global pairs 2 (diagonal ignored), local pairs 4 -> scales 1/3 and 2/3
     expected = 0.7 * (terms["dino_global_crops_loss"] / 3 + 2 * terms["dino_local_crops_loss"] / 3)
     expected += 0.3 * 2 * terms["koleo_loss"] + 0.5 * terms["ibot_loss"]
@@ -83,9 +87,9 @@ def test_loss_combination_follows_dinov3_weights():
 
     # the global DINO term recomputed independently: teacher on unmasked globals, student on masked globals
     with torch.no_grad():
-        t_logits = model.teacher.dino_head(model.teacher.backbone.forward_features(batch["collated_global_crops"])[
+        t_logits = model.teacher.dino_head(model.teacher.backbone.forward_features(batch.global_crops)[
             "x_norm_clstoken"])
-        s_out = model.student.backbone.forward_features(batch["collated_global_crops"], masks=batch["collated_masks"])
+        s_out = model.student.backbone.forward_features(batch.global_crops, masks=batch.masks)
         s_logits = model.student.dino_head(s_out["x_norm_clstoken"])
     ref = dino_loss(s_logits.unflatten(0, (2, -1)), sinkhorn_knopp(t_logits, 0.05).unflatten(0, (2, -1)),
                     ignore_diagonal=True)
@@ -100,7 +104,7 @@ def test_without_local_crops_or_masks_the_terms_are_zero():
     cfg = _cfg("crops.local_crops_number=0", "dino.global_ignore_diagonal=false")
     torch.manual_seed(0)
     model = SSLMetaArch(cfg)
-    total, terms = model(_batch(cfg, masked=False), teacher_temp=0.07)
+    total, terms, _ = model(_batch(cfg, masked=False), teacher_temp=0.07)
     assert terms["dino_local_crops_loss"].item() == 0 and terms["ibot_loss"].item() == 0
     expected = cfg.dino.loss_weight * terms["dino_global_crops_loss"] + cfg.dino.koleo_loss_weight * 2 * terms[
         "koleo_loss"]
@@ -113,9 +117,17 @@ def test_shared_head_and_ema_centering():
     model = SSLMetaArch(cfg)
     assert model.student.ibot_head is model.student.dino_head
     assert model.teacher.ibot_head is model.teacher.dino_head
-    model(_batch(cfg), teacher_temp=0.07)
-    # centers moved by (1 - 0.9) * batch mean of the teacher logits
-    assert model.dino_center.abs().sum() > 0 and model.ibot_center.abs().sum() > 0
+    batch = _batch(cfg)
+    _, _, centers = model(batch, teacher_temp=0.07)
+    assert model.dino_center.abs().sum() == 0 and model.ibot_center.abs().sum() == 0  # forward changes no state
+    # the next centers move by (1 - 0.9) * the batch mean of the teacher logits
+    with torch.no_grad():
+        out = model.teacher.backbone.forward_features(batch.global_crops)
+        cls_mean = model.teacher.dino_head(out["x_norm_clstoken"]).mean(0, keepdim=True)
+        patches = out["x_norm_patchtokens"].flatten(0, 1)[batch.mask_indices]
+        patch_mean = model.teacher.ibot_head(patches).mean(0, keepdim=True)
+    torch.testing.assert_close(centers["dino_center"], 0.1 * cls_mean)
+    torch.testing.assert_close(centers["ibot_center"], 0.1 * patch_mean)
 
 
 def test_pretrained_weights_initialise_student_and_teacher_backbones(tmp_path):

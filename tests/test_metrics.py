@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from omegaconf import OmegaConf
 
+from dinocell.config.schema import LoggingConfig
 from dinocell.logging import MetricsLogger
 
 
@@ -21,7 +21,7 @@ def test_resume_rewrites_later_lines_and_continues_the_wandb_run(tmp_path, monke
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    wandb_cfg = OmegaConf.create({"wandb": True, "wandb_project": "test", "wandb_run_name": ""})
+    wandb_cfg = LoggingConfig(wandb=True, wandb_project="test")
 
     def run(start: int, stop: int) -> str:
         metrics = MetricsLogger(tmp_path, total_iterations=6, start_iteration=start, enabled=True, wandb_cfg=wandb_cfg)

@@ -7,12 +7,13 @@ from typing import Literal
 
 import pytest
 
-from dinocell.data import list_datasets, make_dataset, parse_dataset_string, register_dataset
-from dinocell.data.registry import DatasetStringError, main, split_dataset_string
+from dinocell.commands.datasets import main
+from dinocell.data import SampleDataset, list_datasets, make_dataset, parse_dataset_string, register_dataset
+from dinocell.data.registry import DatasetStringError, split_dataset_string
 
 
 @register_dataset("_RegistryTyped", "_RegistryTypedAlias")
-class _Typed:
+class _Typed(SampleDataset):
     """A dataset for registry tests."""
 
     def __init__(
@@ -118,7 +119,9 @@ def test_structural_errors():
     with pytest.raises(DatasetStringError, match="segment 'oops' after the name is not key=value"):
         parse_dataset_string("_RegistryTyped:oops")
     with pytest.raises(ValueError, match="already registered"):
-        register_dataset("_RegistryTyped")(type("Other", (), {}))
+        register_dataset("_RegistryTyped")(type("Other", (SampleDataset,), {}))
+    with pytest.raises(TypeError, match="NotADataset must subclass dinocell.data.SampleDataset"):
+        register_dataset("_NotADataset")(type("NotADataset", (), {}))
 
 
 def test_datasets_command_lists_names_keys_types_defaults(capsys):

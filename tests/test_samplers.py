@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from dinocell.data.samplers import InfiniteSampler, derive_seed
+from dinocell.pipeline.samplers import InfiniteSampler, derive_seed
 
 
 def take(sampler: InfiniteSampler, n: int) -> list[tuple[int, int]]:

@@ -5,10 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
-from dinocell.train.optim import apply_schedule, build_optimizer, param_groups, scaled_lr
+from dinocell.config import load_config
+from dinocell.config.schema import OptimConfig
+from dinocell.train.optim import apply_schedule, build_optimizer, param_groups
 from dinocell.train.schedules import build_schedules, warmup_constant, warmup_cosine
 
 
@@ -24,16 +25,13 @@ def test_warmup_constant_values():
     )
 
 
-def _cfg(**optim):
-    base = {
-        "train": {"OFFICIAL_EPOCH_LENGTH": 4},
-        "optim": {"epochs": 3, "min_lr": 1e-6, "warmup_epochs": 1, "weight_decay": 0.04, "weight_decay_end": 0.4,
-                  "freeze_last_layer_epochs": 1, "adamw_beta1": 0.9, "adamw_beta2": 0.999},
-        "teacher": {"momentum_teacher": 0.992, "final_momentum_teacher": 1.0, "warmup_teacher_temp": 0.04,
-                    "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 2},
-    }
-    base["optim"].update(optim)
-    return OmegaConf.create(base)
+def _cfg():
+    return load_config(overrides=[
+        "train.OFFICIAL_EPOCH_LENGTH=4", "optim.epochs=3", "optim.min_lr=1e-6", "optim.warmup_epochs=1",
+        "optim.weight_decay=0.04", "optim.weight_decay_end=0.4", "optim.freeze_last_layer_epochs=1",
+        "teacher.momentum_teacher=0.992", "teacher.final_momentum_teacher=1.0", "teacher.warmup_teacher_temp=0.04",
+        "teacher.teacher_temp=0.07", "teacher.warmup_teacher_temp_epochs=2",
+    ])
 
 
 def test_build_schedules_lengths_and_key_points():
@@ -48,14 +46,6 @@ def test_build_schedules_lengths_and_key_points():
     assert s.teacher_temp[8] == pytest.approx(0.07)
     assert s.at(5) == {"lr": s.lr[5], "last_layer_lr": s.last_layer_lr[5], "weight_decay": s.weight_decay[5],
                        "momentum": s.momentum[5], "teacher_temp": s.teacher_temp[5]}
-
-
-def test_scaled_lr_rules():
-    assert scaled_lr(1e-3, 256, "sqrt_wrt_1024") == pytest.approx(5e-4)
-    assert scaled_lr(1e-3, 512, "linear_wrt_256") == pytest.approx(2e-3)
-    assert scaled_lr(1e-3, 7, "none") == 1e-3
-    with pytest.raises(ValueError, match="sqrt_wrt_1024"):
-        scaled_lr(1e-3, 7, "sqrt")
 
 
 class _Block(nn.Module):
@@ -130,8 +120,7 @@ def test_shared_head_parameters_appear_once():
 
 
 def test_apply_schedule_sets_lr_and_wd_per_group():
-    cfg = OmegaConf.create({"optim": {"adamw_beta1": 0.9, "adamw_beta2": 0.999}})
-    opt = build_optimizer(_groups(), cfg)
+    opt = build_optimizer(_groups(), OptimConfig(adamw_beta1=0.9, adamw_beta2=0.999))
     apply_schedule(opt, lr=1e-3, last_layer_lr=0.0, weight_decay=0.05)
     for group in opt.param_groups:
         expected_lr = 0.0 if group["is_last_layer"] else 1e-3 * group["lr_multiplier"]
@@ -144,7 +133,7 @@ def test_frozen_last_layer_does_not_move():
     head = _Head()
     student = nn.ModuleDict({"backbone": _Backbone(), "dino_head": head, "ibot_head": _Head()})
     groups = param_groups(student, n_blocks=2, layerwise_decay=0.9, patch_embed_lr_mult=0.2)
-    opt = build_optimizer(groups, OmegaConf.create({"optim": {"adamw_beta1": 0.9, "adamw_beta2": 0.999}}))
+    opt = build_optimizer(groups, OptimConfig())
     apply_schedule(opt, lr=1e-2, last_layer_lr=0.0, weight_decay=0.04)
     before_last, before_mlp = head.last_layer.weight.clone(), head.mlp.weight.clone()
     head.last_layer(head.mlp(torch.randn(3, 4))).square().sum().backward()

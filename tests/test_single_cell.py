@@ -103,8 +103,8 @@ def test_scdino_recipe_mean_std_then_training_with_knn(tmp_path):
     """The scDINO pipeline: mean-std JSON -> crops.channel_mean/std -> a few iterations with k-NN at start and end."""
     from test_ct import RECIPES, TINY_RUN
 
+    from dinocell.commands.mean_std import main as mean_std_main
     from dinocell.config import load_config
-    from dinocell.data.mean_std import main as mean_std_main
     from dinocell.train.train import train
 
     make_cells(tmp_path / "cells", n_per_class=6, size=32)

@@ -15,16 +15,16 @@ Literal[...] must be one of its choices.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import inspect
 import pathlib
 import re
-import sys
 import types
 import typing
 from collections.abc import Callable
 from typing import Any, Literal, Union
+
+from dinocell.data.dataset import SampleDataset
 
 _REGISTRY: dict[str, type] = {}  # every accepted name (canonical and aliases) -> class
 _CANONICAL: dict[str, type] = {}  # canonical names only, for listings
@@ -42,6 +42,8 @@ def register_dataset(name: str, *aliases: str) -> Callable[[type], type]:
     """Class decorator: make the class reachable as `name` (and each alias) in dataset strings."""
 
     def decorator(cls: type) -> type:
+        if not issubclass(cls, SampleDataset):
+            raise TypeError(f"dataset '{name}': {cls.__qualname__} must subclass dinocell.data.SampleDataset")
         for key in (name, *aliases):
             if key in _REGISTRY and _REGISTRY[key] is not cls:
                 raise ValueError(f"dataset name '{key}' is already registered by {_REGISTRY[key].__qualname__}")
@@ -91,7 +93,7 @@ def split_dataset_string(dataset_str: str) -> tuple[str, dict[str, str]]:
 def parse_dataset_string(dataset_str: str) -> tuple[type, dict[str, Any]]:
     """Resolve the class and convert every value to its annotated type, without building the dataset."""
     name, raw = split_dataset_string(dataset_str)
-    cls = _lookup(name)
+    cls = lookup_dataset(name)
     keys = dataset_keys(cls)
     hints = typing.get_type_hints(cls.__init__)
     kwargs: dict[str, Any] = {}
@@ -118,7 +120,7 @@ def parse_dataset_string(dataset_str: str) -> tuple[type, dict[str, Any]]:
     return cls, kwargs
 
 
-def make_dataset(dataset_str: str, transform: Callable | None = None) -> Any:
+def make_dataset(dataset_str: str, transform: Callable | None = None) -> SampleDataset:
     """Build the dataset a string names; `transform` (if given) is passed to the class as `transform=`."""
     cls, kwargs = parse_dataset_string(dataset_str)
     if transform is not None:
@@ -189,7 +191,8 @@ def type_name(expected: Any) -> str:
     return getattr(expected, "__name__", str(expected))
 
 
-def _lookup(name: str) -> type:
+def lookup_dataset(name: str) -> type:
+    """The class registered as `name`; an unknown name raises DatasetStringError with the closest names."""
     if name in _REGISTRY:
         return _REGISTRY[name]
     by_lower = {n.lower(): n for n in _REGISTRY}
@@ -210,26 +213,3 @@ def describe_dataset(name: str, cls: type) -> str:
         default = "required" if param.default is inspect.Parameter.empty else f"default {param.default!r}"
         lines.append(f"    {key}: {type_name(hints.get(key, str))}, {default}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`dinocell datasets [NAME]`: list the registered datasets and the keys of their strings."""
-    import dinocell.data  # noqa: F401  (registers every dataset family)
-
-    parser = argparse.ArgumentParser(
-        prog="dinocell datasets",
-        description="List registered datasets and the keys their strings accept. "
-        "Dataset string syntax: Name:key=value:key=value (a ':' that is not followed by key= stays in the value).",
-    )
-    parser.add_argument("name", nargs="?", help="show only this dataset")
-    args = parser.parse_args(argv)
-    if args.name:
-        try:
-            cls = _lookup(args.name)
-        except DatasetStringError as err:
-            print(f"dinocell datasets: {err}", file=sys.stderr)
-            return 2
-        print(describe_dataset(args.name, cls))
-        return 0
-    print("\n\n".join(describe_dataset(n, c) for n, c in list_datasets().items()))
-    return 0

@@ -11,6 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from dinocell.data.dataset import SampleDataset
+
 # sample record -> the image the model sees, or a record holding it under "image" (as EvalTransform returns)
 SampleTransform = Callable[[dict[str, Any]], torch.Tensor | dict[str, Any]]
 
@@ -18,7 +20,7 @@ SampleTransform = Callable[[dict[str, Any]], torch.Tensor | dict[str, Any]]
 class _ImageLabelDataset(Dataset):
     """(image, label) pairs from sample records, so that DataLoader workers run the dataset and the transform."""
 
-    def __init__(self, dataset: Dataset, transform: SampleTransform | None) -> None:
+    def __init__(self, dataset: SampleDataset, transform: SampleTransform | None) -> None:
         self.dataset = dataset
         self.transform = transform
 
@@ -36,15 +38,14 @@ class _ImageLabelDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
         """Keep batch-concurrent datasets (S3) concurrent: fetch the batch through their own __getitems__."""
-        getitems = getattr(self.dataset, "__getitems__", None)
-        samples = getitems(indices) if getitems is not None else [self.dataset[i] for i in indices]
+        samples = self.dataset.__getitems__(indices)
         return [self._pair(s) for s in samples]
 
 
 @torch.inference_mode()
 def extract_features(
     model: nn.Module,
-    dataset: Dataset,
+    dataset: SampleDataset,
     transform: SampleTransform | None,
     *,
     batch_size: int,
@@ -55,7 +56,7 @@ def extract_features(
 
     `model(x)` must return one feature vector per image (a dinocell backbone returns its normalised cls token).
     `transform` maps a sample record to the image fed to the model (a deterministic eval view), or to a record
-    holding it under "image" (dinocell.data.loaders.build_eval_transform(cfg) can be passed as is); None feeds
+    holding it under "image" (dinocell.pipeline.loaders.build_eval_transform(cfg) can be passed as is); None feeds
     sample["image"] unchanged (all images must then have the same size). The model runs in eval mode; its previous
     mode is restored afterwards.
     """

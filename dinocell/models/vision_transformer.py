@@ -244,9 +244,14 @@ class DinoVisionTransformer(nn.Module):
         return last.attn.cls_attention(last.norm1(t), rope)[:, :, 1 + self.n_storage_tokens :]
 
 
-def build_backbone(arch: str, **kwargs) -> DinoVisionTransformer:
-    """A backbone of a named size; kwargs override the size and the DinoVisionTransformer defaults."""
+def check_arch(arch: str) -> None:
+    """Raise ValueError naming the closest architecture when `arch` is not one of ARCHS."""
     if arch not in ARCHS:
         closest = difflib.get_close_matches(arch, ARCHS, n=1, cutoff=0.0)
-        raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)} (closest: {closest[0]!r})")
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}; closest {closest[0]!r}")
+
+
+def build_backbone(arch: str, **kwargs) -> DinoVisionTransformer:
+    """A backbone of a named size; kwargs override the size and the DinoVisionTransformer defaults."""
+    check_arch(arch)
     return DinoVisionTransformer(**{**ARCHS[arch], **kwargs})

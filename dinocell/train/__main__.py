@@ -1,7 +1,7 @@
-"""`python -m dinocell.train ...` is the same command as `dinocell train ...`."""
+"""`python -m dinocell.train ...` is `dinocell train ...` (what torchrun launches)."""
 
 import sys
 
-from dinocell.train.train import main
+from dinocell.commands.train import main
 
 sys.exit(main())

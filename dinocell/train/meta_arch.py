@@ -11,38 +11,33 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import NamedTuple
 
 import torch
 import torch.distributed.nn.functional as dist_fn
-from omegaconf import DictConfig
 from torch import nn
 
 from dinocell import distributed
+from dinocell.config.schema import DinoConfig, IBotConfig, SSLConfig
 from dinocell.layers.dino_head import DINOHead
 from dinocell.loss import dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp, softmax_center, update_center
 from dinocell.models import build_backbone, load_pretrained
+from dinocell.pipeline.batch import SSLBatch
 
 logger = logging.getLogger("dinocell")
-N_GLOBAL_CROPS = 2
 CENTER_MOMENTUM = 0.9  # EMA of the teacher-logit center (train.centering=centering), as in DINO/DINOv2
+STUDENT_TEMP = 0.1
 
 
-def build_student_backbone(cfg: DictConfig) -> nn.Module:
-    s = cfg.student
-    return build_backbone(
-        s.arch,
-        patch_size=s.patch_size,
-        in_chans=s.in_chans,
-        n_storage_tokens=s.n_storage_tokens,
-        drop_path_rate=s.drop_path_rate,
-        layerscale_init=s.layerscale,
-        pos_embed_rope_shift_coords=s.pos_embed_rope_shift_coords,
-        pos_embed_rope_jitter_coords=s.pos_embed_rope_jitter_coords,
-        pos_embed_rope_rescale_coords=s.pos_embed_rope_rescale_coords,
-    )
+class SSLOutput(NamedTuple):
+    """What one forward gives the training step."""
+
+    loss: torch.Tensor  # weighted total loss of this rank's batch
+    terms: dict[str, torch.Tensor]  # detached loss terms, for metrics
+    centers: dict[str, torch.Tensor]  # next EMA centers (train.centering=centering), for update_teacher
 
 
-def _head(in_dim: int, head_cfg: DictConfig) -> DINOHead:
+def _head(in_dim: int, head_cfg: DinoConfig | IBotConfig) -> DINOHead:
     return DINOHead(
         in_dim,
         out_dim=head_cfg.head_n_prototypes,
@@ -53,11 +48,10 @@ def _head(in_dim: int, head_cfg: DictConfig) -> DINOHead:
 
 
 class StudentNetwork(nn.Module):
-    """Backbone + DINO head + iBOT head. One `forward` computes everything the losses need from the student, so a
-    single DistributedDataParallel wrapper around it overlaps the gradient all-reduce with backward.
+    """Backbone + DINO head + iBOT head. One `forward` computes everything the losses need from the student.
 
     The iBOT head runs even on zero masked patches (an empty batch): every parameter then takes part in every step,
-    which DDP requires, and every rank issues the same collectives.
+    which DistributedDataParallel requires, and every rank issues the same collectives.
     """
 
     def __init__(self, backbone: nn.Module, dino_head: DINOHead, ibot_head: DINOHead) -> None:
@@ -84,12 +78,17 @@ class StudentNetwork(nn.Module):
 
 
 class SSLMetaArch(nn.Module):
-    """Holds student and teacher; `forward` returns the weighted total loss and the detached loss terms."""
+    """Student and teacher. `forward` computes the loss of a batch and has no side effects on the model's state;
+    `update_teacher` applies the step's EMA and center updates once the optimiser step is taken.
 
-    def __init__(self, cfg: DictConfig) -> None:
+    Several processes wrap the whole module in DistributedDataParallel: only the student's parameters require
+    gradients, so only they are averaged.
+    """
+
+    def __init__(self, cfg: SSLConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        backbone = build_student_backbone(cfg)
+        backbone = build_backbone(cfg.student.arch, **cfg.student.backbone_kwargs())
         if cfg.student.pretrained_weights:
             report = load_pretrained(backbone, cfg.student.pretrained_weights, strict=True)
             logger.info("student and teacher backbones initialised from %s: %s", cfg.student.pretrained_weights, report)
@@ -109,36 +108,42 @@ class SSLMetaArch(nn.Module):
         return self
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+    def update_teacher(self, momentum: float, centers: dict[str, torch.Tensor]) -> None:
+        """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter; centers take the step's
+        values."""
         student = list(self.student.parameters())
         teacher = list(self.teacher.parameters())
         torch._foreach_mul_(teacher, momentum)
         torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+        for name, value in centers.items():
+            getattr(self, name).copy_(value)
 
     def teacher_state_dict(self) -> dict[str, torch.Tensor]:
         """Teacher weights as in an eval dump: keys backbone.*, dino_head.*, ibot_head.*."""
         return {k: v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()}
 
-    def _targets(self, logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        if self.cfg.train.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(logits, teacher_temp)
-        probs = softmax_center(logits, center, teacher_temp)
-        center.copy_(update_center(center, logits, CENTER_MOMENTUM))
-        return probs
-
     @torch.no_grad()
     def _teacher_targets(
-        self, global_crops: torch.Tensor, mask_indices: torch.Tensor, teacher_temp: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.teacher.backbone.forward_features(global_crops)
+        self, batch: SSLBatch, teacher_temp: float
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Teacher probabilities of the global crops' cls tokens [S, B, K] and of the masked patches [M, K]."""
+        out = self.teacher.backbone.forward_features(batch.global_crops)
         cls_logits = self.teacher.dino_head(out["x_norm_clstoken"])
-        patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
-        patch_logits = self.teacher.ibot_head(patches)
-        cls_probs = self._targets(cls_logits, self.dino_center, teacher_temp)
+        patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, batch.mask_indices)
         # also with no masked patch on this rank: the targets' all-reduces must run on every rank
-        patch_probs = self._targets(patch_logits, self.ibot_center, teacher_temp)
-        return cls_probs.unflatten(0, (N_GLOBAL_CROPS, -1)), patch_probs
+        patch_logits = self.teacher.ibot_head(patches)
+        if self.cfg.train.centering == "sinkhorn_knopp":
+            cls_probs = sinkhorn_knopp(cls_logits, teacher_temp)
+            patch_probs = sinkhorn_knopp(patch_logits, teacher_temp)
+            centers = {}
+        else:
+            cls_probs = softmax_center(cls_logits, self.dino_center, teacher_temp)
+            patch_probs = softmax_center(patch_logits, self.ibot_center, teacher_temp)
+            centers = {
+                "dino_center": update_center(self.dino_center, cls_logits, CENTER_MOMENTUM),
+                "ibot_center": update_center(self.ibot_center, patch_logits, CENTER_MOMENTUM),
+            }
+        return cls_probs.unflatten(0, (batch.n_global_crops, -1)), patch_probs, centers
 
     def _koleo(self, cls_pre_head: torch.Tensor) -> torch.Tensor:
         """KoLeo per global crop ([S, B, D]), averaged; neighbours searched over the global batch when distributed."""
@@ -151,54 +156,40 @@ class SSLMetaArch(nn.Module):
         losses = [koleo_loss(x, eps, candidates=pool, offset=offset) for x, pool in zip(cls_pre_head, gathered)]
         return torch.stack(losses).mean()
 
-    def forward(
-        self, batch: dict[str, torch.Tensor], teacher_temp: float, student: nn.Module | None = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Weighted total loss and the detached loss terms of one batch.
-
-        `student` is the module to run for the student: `self.student` (default) or its DistributedDataParallel
-        wrapper, which the trainer creates when several processes train together.
-        """
+    def forward(self, batch: SSLBatch, teacher_temp: float) -> SSLOutput:
+        """Weighted total loss, detached loss terms and the next centers of one batch."""
         cfg = self.cfg
-        student = self.student if student is None else student
-        global_crops = batch["collated_global_crops"]
-        local_crops = batch["collated_local_crops"]
-        masks = batch["collated_masks"]
-        mask_indices = batch["mask_indices_list"]
-        n_local = cfg.crops.local_crops_number
-        b = global_crops.shape[0] // N_GLOBAL_CROPS
+        n_global, n_local, b = batch.n_global_crops, batch.n_local_crops, batch.batch_size
+        teacher_cls, teacher_patches, centers = self._teacher_targets(batch, teacher_temp)
 
-        teacher_cls, teacher_patches = self._teacher_targets(global_crops, mask_indices, teacher_temp)
-
-        crops, crop_masks = [global_crops], [masks]
+        crops, crop_masks = [batch.global_crops], [batch.masks]
         if n_local > 0:
-            crops.append(local_crops)
+            crops.append(batch.local_crops)
             crop_masks.append(None)
-        out = student(crops, crop_masks, mask_indices)
+        out = self.student(crops, crop_masks, batch.mask_indices)
         global_cls, cls_logits = out["global_cls"], out["cls_logits"]
-        global_logits = cls_logits[: N_GLOBAL_CROPS * b].unflatten(0, (N_GLOBAL_CROPS, b))
-        student_temp = 0.1
+        global_logits = cls_logits[: n_global * b].unflatten(0, (n_global, b))
 
-        global_terms = N_GLOBAL_CROPS * (N_GLOBAL_CROPS - 1) if cfg.dino.global_ignore_diagonal else N_GLOBAL_CROPS**2
-        local_terms = N_GLOBAL_CROPS * n_local
+        ignore_diagonal = cfg.dino.global_ignore_diagonal
+        global_terms = n_global * (n_global - 1) if ignore_diagonal else n_global**2
+        local_terms = n_global * n_local
+        weight = cfg.dino.loss_weight
         terms: dict[str, torch.Tensor] = {}
-        terms["dino_global_crops_loss"] = dino_loss(
-            global_logits, teacher_cls, student_temp, ignore_diagonal=cfg.dino.global_ignore_diagonal
-        )
-        total = cfg.dino.loss_weight * global_terms / (global_terms + local_terms) * terms["dino_global_crops_loss"]
+        terms["dino_global_crops_loss"] = dino_loss(global_logits, teacher_cls, STUDENT_TEMP, ignore_diagonal)
+        total = weight * global_terms / (global_terms + local_terms) * terms["dino_global_crops_loss"]
         if n_local > 0:
-            local_logits = cls_logits[N_GLOBAL_CROPS * b :].unflatten(0, (n_local, b))
-            terms["dino_local_crops_loss"] = dino_loss(local_logits, teacher_cls, student_temp)
-            total = total + cfg.dino.loss_weight * local_terms / (global_terms + local_terms) * terms[
-                "dino_local_crops_loss"
-            ]
+            local_logits = cls_logits[n_global * b :].unflatten(0, (n_local, b))
+            terms["dino_local_crops_loss"] = dino_loss(local_logits, teacher_cls, STUDENT_TEMP)
+            total = total + weight * local_terms / (global_terms + local_terms) * terms["dino_local_crops_loss"]
         else:
             terms["dino_local_crops_loss"] = torch.zeros((), device=total.device)
 
-        terms["koleo_loss"] = self._koleo(global_cls.unflatten(0, (N_GLOBAL_CROPS, b)))
-        total = total + cfg.dino.koleo_loss_weight * N_GLOBAL_CROPS * terms["koleo_loss"]
+        terms["koleo_loss"] = self._koleo(global_cls.unflatten(0, (n_global, b)))
+        total = total + cfg.dino.koleo_loss_weight * n_global * terms["koleo_loss"]
 
         # an empty mask (no masked patch in this local batch) gives a zero that keeps the graph
-        terms["ibot_loss"] = ibot_loss(out["patch_logits"], teacher_patches, masks, student_temp)
+        terms["ibot_loss"] = ibot_loss(
+            out["patch_logits"], teacher_patches, batch.mask_weights, n_global * b, STUDENT_TEMP
+        )
         total = total + cfg.ibot.loss_weight * terms["ibot_loss"]
-        return total, {name: value.detach() for name, value in terms.items()}
+        return SSLOutput(total, {name: value.detach() for name, value in terms.items()}, centers)

@@ -1,4 +1,4 @@
-"""AdamW with DINO-style parameter groups and the lr scaling rule.
+"""AdamW with DINO-style parameter groups (the lr scaling rule is OptimConfig.scaled_lr).
 
 Parameter groups (one per distinct combination, so the optimiser stays small):
 - layer-wise lr decay: patch embedding, tokens (cls, storage, mask) and RoPE are layer 0, block i is layer i + 1,
@@ -11,26 +11,14 @@ Parameter groups (one per distinct combination, so the optimiser stays small):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
+from dinocell.config.schema import OptimConfig
+
 _TOKEN_NAMES = ("cls_token", "storage_tokens", "mask_token", "register_tokens")
-SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
-
-
-def scaled_lr(base_lr: float, global_batch_size: int, rule: str) -> float:
-    """The learning rate actually used: `base_lr` scaled with the global batch (applied once, at start-up)."""
-    if rule == "sqrt_wrt_1024":
-        return base_lr * math.sqrt(global_batch_size / 1024)
-    if rule == "linear_wrt_256":
-        return base_lr * global_batch_size / 256
-    if rule == "none":
-        return base_lr
-    raise ValueError(f"optim.scaling_rule={rule!r} is not one of {SCALING_RULES}")
 
 
 def _backbone_layer_id(name: str, n_blocks: int) -> int:
@@ -76,9 +64,9 @@ def param_groups(
     return list(groups.values())
 
 
-def build_optimizer(groups: Iterable[dict], cfg: DictConfig) -> torch.optim.AdamW:
+def build_optimizer(groups: Iterable[dict], optim: OptimConfig) -> torch.optim.AdamW:
     # lr and weight decay are overwritten every iteration by apply_schedule; 0 here only satisfies the constructor.
-    betas = (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2)
+    betas = (optim.adamw_beta1, optim.adamw_beta2)
     return torch.optim.AdamW(list(groups), lr=0.0, weight_decay=0.0, betas=betas)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from omegaconf import DictConfig
+
+from dinocell.config.schema import SSLConfig
 
 
 def warmup_cosine(
@@ -47,7 +48,7 @@ class Schedules:
         return {name: float(getattr(self, name)[iteration]) for name in self.__dataclass_fields__}
 
 
-def build_schedules(cfg: DictConfig, *, peak_lr: float) -> Schedules:
+def build_schedules(cfg: SSLConfig, *, peak_lr: float) -> Schedules:
     """Schedules of a whole run; `peak_lr` is the base lr after the batch-size scaling rule."""
     epoch = cfg.train.OFFICIAL_EPOCH_LENGTH
     total = cfg.optim.epochs * epoch

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from dinocell.data.dataset import SampleDataset
 from dinocell.data.io.bad_files import BadFileError, BadSampleTracker
 from dinocell.data.registry import register_dataset
 
@@ -29,7 +29,7 @@ def hu_to_unit(hu: np.ndarray, window: tuple[float, float], eps: float) -> np.nd
 
 
 @register_dataset("CTDataset")
-class CTDataset(Dataset):
+class CTDataset(SampleDataset):
     """CT NPZ slabs: C/2 HU-windowed slices + C/2 lung-mask slices as channels, with the lung mask as sample mask."""
 
     def __init__(

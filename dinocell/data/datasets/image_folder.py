@@ -18,8 +18,8 @@ import numpy as np
 import tifffile
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
+from dinocell.data.dataset import SampleDataset
 from dinocell.data.io.bad_files import BadFileError, BadSampleTracker
 from dinocell.data.registry import register_dataset
 
@@ -28,7 +28,7 @@ _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as PIL's RGB -
 
 
 @register_dataset("ImageFolder")
-class ImageFolder(Dataset):
+class ImageFolder(SampleDataset):
     """Class sub-folders of RGB or greyscale image files, values scaled to [0, 1] by bit depth."""
 
     def __init__(self, *, root: pathlib.Path, channels: Literal[1, 3] = 3, transform=None) -> None:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from dinocell.data.dataset import SampleDataset
 from dinocell.data.io.bad_files import BadFileError, BadSampleTracker
 from dinocell.data.io.cache import DiskCache, LRUCache
 from dinocell.data.io.index import (
@@ -53,7 +53,7 @@ class _ProcessState:
     client: object = None
 
 
-class _JUMPFields(Dataset):
+class _JUMPFields(SampleDataset):
     """Shared machinery; subclasses say how to list index files and read one location's bytes."""
 
     def __init__(

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from dinocell.data.dataset import SampleDataset
 from dinocell.data.io.bad_files import BadFileError, BadSampleTracker
 from dinocell.data.io.tiff import decode_tiff
 from dinocell.data.normalize import minmax_normalize
@@ -33,7 +33,7 @@ def channels_first(array: np.ndarray) -> np.ndarray:
 
 
 @register_dataset("SingleCellFolder", "scDINO")
-class SingleCellFolder(Dataset):
+class SingleCellFolder(SampleDataset):
     """scDINO layout: root/<class>/<cell>.tif, multi-channel crops, per-channel min-max then dataset mean/std."""
 
     def __init__(

@@ -20,8 +20,8 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
+from dinocell.data.dataset import SampleDataset
 from dinocell.data.normalize import Normalization, check_normalization, normalize_image
 from dinocell.data.registry import register_dataset
 
@@ -51,7 +51,7 @@ def phenotype_table(n_classes: int) -> np.ndarray:
 
 
 @register_dataset("SyntheticCellPainting")
-class SyntheticCellPainting(Dataset):
+class SyntheticCellPainting(SampleDataset):
     """Procedural 5-channel Cell Painting fields (DNA, ER, RNA, AGP, Mito) with K phenotype classes."""
 
     def __init__(

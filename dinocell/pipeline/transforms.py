@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 
-from dinocell.data.augmentations import (
+from dinocell.config.schema import GLOBAL_CROP_GROUPS, CropsConfig
+from dinocell.pipeline.augmentations import (
     add_gaussian_noise,
     adjust_intensity,
     box_downsample_2x,
@@ -33,89 +33,13 @@ from dinocell.data.augmentations import (
     sample_crop_box,
     solarize,
 )
-from dinocell.data.samplers import SeedStream, derive_seed
+from dinocell.pipeline.samplers import SeedStream, derive_seed
 
-CROP_GROUPS = ("global1", "global2", "local")
-CHANNEL_VIEWS = ("all", "mean", "single")
 # DINO's colour-jitter strengths (brightness, contrast, saturation, hue) and chances for natural RGB images.
 RGB_JITTER = (0.4, 0.4, 0.2, 0.1)
 RGB_JITTER_PROBABILITY = 0.8
 RGB_GRAYSCALE_PROBABILITY = 0.2
-# Smallest valid low end of each [low, high] setting (gamma and sigma must be positive).
-RANGE_LOWER_BOUNDS = {
-    "brightness_range": 0.0,
-    "contrast_range": 0.0,
-    "gamma_range": 1e-6,
-    "blur_sigma": 1e-6,
-    "noise_std": 0.0,
-}
 PYRAMID_MIN_FACTOR = 3.0  # use the half-resolution field when the crop box is >= 3x its output size
-
-
-@dataclass(frozen=True)
-class CropSettings:
-    """Everything the multi-crop transform reads; built from cfg.crops by dinocell.data.loaders.build_ssl_transform."""
-
-    in_chans: int
-    seed: int
-    global_crops_size: int
-    global_crops_scale: tuple[float, float]
-    local_crops_number: int
-    local_crops_size: int
-    local_crops_scale: tuple[float, float]
-    horizontal_flips: bool
-    vertical_flips: bool
-    rotate90: bool
-    channel_views: Mapping[str, str]
-    local_masked_crops_fraction: float
-    photometric_aug: bool
-    intensity_aug_probability: float
-    brightness_range: tuple[float, float]
-    contrast_range: tuple[float, float]
-    gamma_range: tuple[float, float]
-    blur_probability: Mapping[str, float]
-    blur_sigma: tuple[float, float]
-    noise_probability: Mapping[str, float]
-    noise_std: tuple[float, float]
-    solarization_probability: Mapping[str, float]
-    solarization_threshold: float
-    rgb_color_aug: bool
-    channel_mean: tuple[float, ...] | None
-    channel_std: tuple[float, ...] | None
-
-    def __post_init__(self) -> None:
-        for key in ("channel_views", "blur_probability", "noise_probability", "solarization_probability"):
-            groups = getattr(self, key)
-            if set(groups) != set(CROP_GROUPS):
-                raise ValueError(f"crops.{key} has groups {sorted(groups)}; expected exactly {list(CROP_GROUPS)}")
-        for group, view in self.channel_views.items():
-            if view not in CHANNEL_VIEWS:
-                raise ValueError(f"crops.channel_views.{group}={view!r}: expected one of {', '.join(CHANNEL_VIEWS)}")
-        for key, low_bound in RANGE_LOWER_BOUNDS.items():
-            low, high = getattr(self, key)
-            if not low_bound <= low <= high:
-                raise ValueError(f"crops.{key}={[low, high]}: expected {low_bound} <= low <= high")
-        for key in ("blur_probability", "noise_probability", "solarization_probability"):
-            for group, chance in getattr(self, key).items():
-                if not 0.0 <= chance <= 1.0:
-                    raise ValueError(f"crops.{key}.{group}={chance}: expected a probability in [0, 1]")
-        if not 0.0 <= self.local_masked_crops_fraction <= 1.0:
-            raise ValueError(
-                f"crops.local_masked_crops_fraction={self.local_masked_crops_fraction}: expected a share in [0, 1]"
-            )
-        if (self.channel_mean is None) != (self.channel_std is None) or (
-            self.channel_mean is not None and len(self.channel_mean) != len(self.channel_std)
-        ):
-            raise ValueError(
-                f"crops.channel_mean={self.channel_mean} and crops.channel_std={self.channel_std}: "
-                "expected both null or two lists of the same length (one value per dataset channel)"
-            )
-        if self.channel_std is not None and min(self.channel_std) <= 0:
-            raise ValueError(f"crops.channel_std={list(self.channel_std)}: every std must be > 0")
-
-    @property
-    def num_masked_local_crops(self) -> int:
-        return round(self.local_masked_crops_fraction * self.local_crops_number)
 
 
 def resolve_view(view: str, n_channels: int, in_chans: int, where: str) -> str:
@@ -158,11 +82,13 @@ def to_in_chans(x: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 
 class MultiCropTransform:
-    """`transform(sample, position)` -> {"global_crops": [2 x [in_chans, G, G]], "local_crops": [N x [in_chans, L, L]],
-    "label", "id", "position"}; every random choice comes from (seed, position) only."""
+    """`transform(sample, position)` -> {"global_crops": [2 x [in_chans, G, G]], "local_crops": [N x [in_chans, L, L]]};
+    every random choice comes from (seed, position) only. `in_chans` is the model's channel count."""
 
-    def __init__(self, settings: CropSettings) -> None:
-        self.s = settings
+    def __init__(self, crops: CropsConfig, *, in_chans: int, seed: int) -> None:
+        self.s = crops
+        self.in_chans = in_chans
+        self.seed = seed
 
     def __call__(self, sample: Mapping, position: int) -> dict:
         s = self.s
@@ -179,11 +105,11 @@ class MultiCropTransform:
                 f"crops.local_masked_crops_fraction={s.local_masked_crops_fraction} needs a sample 'mask', but sample "
                 f"{sample['id']!r} has none; use a dataset with masks (e.g. CTDataset) or set the fraction to 0.0"
             )
-        rng = random.Random(derive_seed(s.seed, SeedStream.CROPS, position))
+        rng = random.Random(derive_seed(self.seed, SeedStream.CROPS, position))
         field = _Field(image)
         global_crops = [
             self._crop(field, None, group, s.global_crops_size, s.global_crops_scale, rng)
-            for group in ("global1", "global2")
+            for group in GLOBAL_CROP_GROUPS
         ]
         local_crops = [
             self._crop(
@@ -192,13 +118,7 @@ class MultiCropTransform:
             )
             for i in range(s.local_crops_number)
         ]
-        return {
-            "global_crops": global_crops,
-            "local_crops": local_crops,
-            "label": int(sample.get("label", -1)),
-            "id": str(sample["id"]),
-            "position": int(position),
-        }
+        return {"global_crops": global_crops, "local_crops": local_crops}
 
     def _crop(
         self,
@@ -213,7 +133,7 @@ class MultiCropTransform:
         s = self.s
         n_channels, height, width = field.image.shape
         top, left, h, w = sample_crop_box(height, width, scale, rng)
-        view = resolve_view(s.channel_views[group], n_channels, s.in_chans, f"crops.channel_views.{group}")
+        view = resolve_view(s.channel_views[group], n_channels, self.in_chans, f"crops.channel_views.{group}")
         channel = rng.randrange(n_channels)
         crop, mean, std = take_view(field.region(top, left, h, w, size), view, channel, s.channel_mean, s.channel_std)
         crop = resize(crop, size)
@@ -227,7 +147,7 @@ class MultiCropTransform:
             crop = crop * crop_mask
         if mean is not None:
             crop = normalize(crop, mean, std)
-        return to_in_chans(crop, s.in_chans)
+        return to_in_chans(crop, self.in_chans)
 
     def _photometric(self, crop: torch.Tensor, group: str, rng: random.Random) -> torch.Tensor:
         """Every parameter is drawn whether or not its op fires, so one probability never shifts the other draws."""

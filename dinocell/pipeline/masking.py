@@ -1,7 +1,7 @@
 """iBOT masks: BEiT-style block masks on the patch grid, planned over the GLOBAL batch.
 
-Reference semantics (DINOv2/v3 collate + MaskingGenerator): of the 2*GB global crops of a global batch,
-int(2*GB * mask_sample_probability) are masked; the i-th masked crop gets a ratio drawn uniformly from
+Reference semantics (DINOv2/v3 collate + MaskingGenerator): of the S*GB global crops of a global batch (S = 2 global
+crops per image), int(S*GB * mask_sample_probability) are masked; the i-th masked crop gets a ratio drawn uniformly from
 [r_i, r_{i+1}] of linspace(min, max, n_masked + 1), and int(N * ratio) patches are masked with rectangular blocks
 (area >= min_num_patches, aspect ratio in [0.3, 1/0.3], each block at most max_num_patches), topped up at random
 to the exact count. Which crops are masked is a permutation seeded by (seed, global batch); every rank computes the
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dinocell.data.samplers import SeedStream, derive_seed
+from dinocell.pipeline.samplers import SeedStream, derive_seed
 
 
 class BlockMaskGenerator:
@@ -81,6 +81,7 @@ class IBotMaskPlanner:
         self,
         *,
         global_batch_size: int,
+        n_global_crops: int,
         grid_size: int,
         mask_sample_probability: float,
         mask_ratio_min_max: Sequence[float],
@@ -92,6 +93,7 @@ class IBotMaskPlanner:
         if not 0.0 <= mask_sample_probability <= 1.0:
             raise ValueError(f"ibot.mask_sample_probability={mask_sample_probability}: expected a value in [0, 1]")
         self.global_batch_size = global_batch_size
+        self.n_global_crops = n_global_crops
         self.mask_sample_probability = mask_sample_probability
         self.ratio_range = (low, high)
         self.seed = seed
@@ -99,8 +101,8 @@ class IBotMaskPlanner:
         self.num_patches = grid_size * grid_size
 
     def plan(self, global_batch: int) -> list[float]:
-        """Mask ratio of each of the 2*GB global crops (crop-major: index j*GB + k), 0.0 = not masked."""
-        n_crops = 2 * self.global_batch_size
+        """Mask ratio of each of the S*GB global crops (crop-major: index j*GB + k), 0.0 = not masked."""
+        n_crops = self.n_global_crops * self.global_batch_size
         n_masked = int(n_crops * self.mask_sample_probability)
         rng = random.Random(derive_seed(self.seed, SeedStream.MASK_PLAN, global_batch))
         order = rng.sample(range(n_crops), n_crops)
@@ -112,7 +114,7 @@ class IBotMaskPlanner:
         return ratios
 
     def __call__(self, positions: Sequence[int]) -> torch.Tensor:
-        """bool [2*b, N] for the b positions of one global batch, rows ordered crop-major like the collated crops."""
+        """bool [S*b, N] for the b positions of one global batch, rows ordered crop-major like the collated crops."""
         global_batch = positions[0] // self.global_batch_size
         if any(p // self.global_batch_size != global_batch for p in positions):
             raise ValueError(
@@ -120,7 +122,7 @@ class IBotMaskPlanner:
             )
         ratios = self.plan(global_batch)
         rows = []
-        for crop in range(2):
+        for crop in range(self.n_global_crops):
             for position in positions:
                 ratio = ratios[crop * self.global_batch_size + position % self.global_batch_size]
                 rng = random.Random(derive_seed(self.seed, SeedStream.MASK_BLOCKS, position, crop))

@@ -1,0 +1,173 @@
+"""Load, merge, validate and save the training configuration.
+
+Merge order: the schema's defaults (dinocell.config.schema, documented in dinocell/configs/ssl_default_config.yaml)
+<- `--config-file` (which may extend another file through `_base_: other.yaml`, resolved relative to itself,
+recursively) <- command-line dotlist overrides. Every layer is checked on its own before the merge, so an unknown key
+or a value of the wrong type is reported with the file (or the command line) that set it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import pathlib
+import types
+import typing
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dinocell.config.schema import SSLConfig, section_types
+
+BASE_KEY = "_base_"
+
+
+class ConfigError(ValueError):
+    """A configuration key that does not exist, or a value of the wrong type or out of range."""
+
+
+def load_config(config_file: str | pathlib.Path | None = None, overrides: Sequence[str] = ()) -> SSLConfig:
+    """Defaults <- `config_file` (and its `_base_` chain) <- dotlist `overrides`; validated."""
+    layers: list[tuple[DictConfig, str]] = []
+    if config_file is not None:
+        layers += _file_layers(pathlib.Path(config_file), ())
+    if overrides:
+        try:
+            layers.append((OmegaConf.from_dotlist(list(overrides)), "the command line"))
+        except Exception as err:
+            raise ConfigError(f"could not parse command-line overrides {list(overrides)}: {err}") from None
+    schema = OmegaConf.structured(SSLConfig)
+    reference = OmegaConf.to_container(schema)
+    types_ = section_types()
+    origins: dict[str, str] = {}
+    for layer, origin in layers:
+        plain = OmegaConf.to_container(layer, resolve=True)
+        _check_known_keys(plain, reference, origin)
+        for key, value in _leaves(plain):
+            _check_type(key, value, types_[key], origin)
+            origins[key] = origin
+    merged = OmegaConf.merge(schema, *(layer for layer, _ in layers))
+    cfg = OmegaConf.to_object(merged)
+    validate_config(cfg, origins)
+    return cfg
+
+
+def validate_config(cfg: SSLConfig, origins: dict[str, str] | None = None) -> None:
+    """Raise ConfigError for the first impossible value; `origins` maps keys to where they were set."""
+    origins = origins or {}
+    for key, message in cfg.problems():
+        value = _lookup(cfg, key)
+        source = f" (set in {origins[key]})" if key in origins else ""
+        raise ConfigError(f"{key}={value!r}{source}: {message}")
+
+
+def config_to_yaml(cfg: SSLConfig) -> str:
+    """The configuration as YAML text (what `--print-config` shows and config.yaml holds)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_to_dict(cfg: SSLConfig) -> dict[str, Any]:
+    """The configuration as plain nested dicts (for trackers such as wandb)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: SSLConfig, path: str | pathlib.Path) -> pathlib.Path:
+    """Write the configuration (atomically: a crash never leaves half a file)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(config_to_yaml(cfg))
+    tmp.replace(path)
+    return path
+
+
+def _lookup(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _file_layers(path: pathlib.Path, chain: tuple[pathlib.Path, ...]) -> list[tuple[DictConfig, str]]:
+    """The file and its `_base_` ancestors, base first, each with a label naming the file."""
+    path = path.expanduser().resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise ConfigError(f"config files extend each other in a cycle: {cycle}")
+    if not path.is_file():
+        where = f" (named as {BASE_KEY} in {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file '{path}' does not exist{where}")
+    layer = OmegaConf.load(path)
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections, not a {type(layer).__name__}")
+    layers: list[tuple[DictConfig, str]] = []
+    if BASE_KEY in layer:
+        base = layer.pop(BASE_KEY)
+        if not isinstance(base, str):
+            raise ConfigError(f"{BASE_KEY} in '{path}' must be one file name, got {base!r}")
+        layers = _file_layers(path.parent / base, (*chain, path))
+    return [*layers, (layer, f"config file '{path}'")]
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) for every leaf of a plain nested dict; lists are leaves."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], node
+
+
+def _check_known_keys(layer: dict, reference: dict, origin: str, prefix: str = "") -> None:
+    for key, value in layer.items():
+        dotted = f"{prefix}{key}"
+        if key not in reference:
+            wrong = next(iter(_leaves(value, f"{dotted}.")))[0] if isinstance(value, dict) and value else dotted
+            valid = [k for k, _ in _leaves(reference, prefix)]
+            close = difflib.get_close_matches(wrong, valid, n=1, cutoff=0.5) or [
+                f"{prefix}{k}" for k in difflib.get_close_matches(str(key), list(reference), n=1, cutoff=0.4)
+            ]
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{wrong}' in {origin}.{hint}")
+        if isinstance(reference[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{dotted}' in {origin} is a section; set its keys, e.g. {dotted}.<key>=...")
+            _check_known_keys(value, reference[key], origin, f"{dotted}.")
+
+
+def _check_type(key: str, value: Any, expected: Any, origin: str) -> None:
+    """A value must have its annotated type (an int is fine for a float); the message says which type."""
+    if not _is_instance(value, expected):
+        # `key=` on the command line is YAML's null, which surprises people who meant an empty string
+        hint = f"; an empty value is null, write \"{key}=''\" for an empty string" if value is None else ""
+        raise ConfigError(f"{key}={value!r} (set in {origin}): expected {_type_label(expected)}{hint}")
+
+
+def _optional(expected: Any) -> tuple[Any, bool]:
+    """(the non-null type, whether null is allowed) of an annotation."""
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(expected) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(expected))
+    return expected, False
+
+
+def _is_instance(value: Any, expected: Any) -> bool:
+    inner, nullable = _optional(expected)
+    if value is None:
+        return nullable
+    if typing.get_origin(inner) is list:
+        (item,) = typing.get_args(inner)
+        return isinstance(value, list) and all(_is_instance(v, item) for v in value)
+    if inner is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if inner is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, inner)
+
+
+def _type_label(expected: Any) -> str:
+    inner, nullable = _optional(expected)
+    if typing.get_origin(inner) is list:
+        label = "a list of " + {float: "numbers", int: "integers", str: "strings"}[typing.get_args(inner)[0]]
+    else:
+        label = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}[inner]
+    return label + (" or null" if nullable else "")

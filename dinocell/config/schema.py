@@ -1,0 +1,391 @@
+"""The configuration schema: one typed dataclass per YAML section, each with its own value rules.
+
+These dataclasses are the settings the modules take (`MultiCropTransform(cfg.crops, ...)`,
+`build_backbone(cfg.student.arch, **cfg.student.backbone_kwargs())`, `build_optimizer(groups, cfg.optim)`), so a key is
+declared, typed and checked in exactly one place. `dinocell/configs/ssl_default_config.yaml` is their documented face
+(a test keeps the two in step). Names that belong to another layer (backbone architectures, dataset strings) are
+checked by that layer when a command starts (dinocell.commands.common), so this module imports no other part of
+dinocell.
+
+Each section's `problems()` yields `(key, message)` for every impossible value; `SSLConfig.problems()` adds the rules
+that relate sections. The loader (dinocell.config.loading) turns the first one into a ConfigError naming the value and
+where it was set.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+Problems = Iterator[tuple[str, str]]
+
+GLOBAL_CROP_GROUPS = ("global1", "global2")  # DINO's two global crops, each with its own augmentation settings
+CROP_GROUPS = (*GLOBAL_CROP_GROUPS, "local")
+CHANNEL_VIEWS = ("all", "mean", "single")
+CENTERINGS = ("sinkhorn_knopp", "centering")
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # config name -> torch dtype name
+# lr scaling with the global batch: rule -> factor of optim.lr
+SCALING_RULES: dict[str, Callable[[int], float]] = {
+    "sqrt_wrt_1024": lambda global_batch: math.sqrt(global_batch / 1024),
+    "linear_wrt_256": lambda global_batch: global_batch / 256,
+    "none": lambda global_batch: 1.0,
+}
+
+
+def _choice(value: str, choices: Any) -> Iterator[str]:
+    """The message for a value outside `choices` (with the closest choice), or nothing."""
+    if value not in choices:
+        import difflib
+
+        close = difflib.get_close_matches(str(value), list(choices), n=1)
+        yield f"must be one of {', '.join(choices)}" + (f"; closest '{close[0]}'" if close else "")
+
+
+def _positive(section: Any, *names: str) -> Problems:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value <= 0:
+            yield name, "must be > 0"
+
+
+def _non_negative(section: Any, *names: str) -> Problems:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value < 0:
+            yield name, "must be >= 0"
+
+
+def _unit_interval(section: Any, *names: str) -> Problems:
+    for name in names:
+        if not 0.0 <= getattr(section, name) <= 1.0:
+            yield name, "must lie in [0, 1]"
+
+
+def _ordered_range(section: Any, name: str, low_bound: float, *, at_most_one: bool = False, strict: bool = False):
+    """A [low, high] pair with low_bound <= low (or < with `strict`) <= high (<= 1 with `at_most_one`)."""
+    pair = getattr(section, name)
+    ok = len(pair) == 2 and (pair[0] > low_bound if strict else pair[0] >= low_bound) and pair[0] <= pair[1]
+    if ok and at_most_one:
+        ok = pair[1] <= 1.0
+    if not ok:
+        bound = f"{low_bound:g} {'<' if strict else '<='} low <= high" + (" <= 1" if at_most_one else "")
+        yield name, f"must be [low, high] with {bound}"
+
+
+def _prefixed(prefix: str, problems: Problems) -> Problems:
+    for key, message in problems:
+        yield f"{prefix}.{key}", message
+
+
+@dataclass
+class StudentConfig:
+    """The backbone: its architecture and the arguments `dinocell.models.build_backbone` takes."""
+
+    arch: str = "vit_small"
+    patch_size: int = 16
+    in_chans: int = 5
+    n_storage_tokens: int = 4
+    drop_path_rate: float = 0.0
+    layerscale: float | None = 1.0e-5
+    pos_embed_rope_shift_coords: float | None = None
+    pos_embed_rope_jitter_coords: float | None = None
+    pos_embed_rope_rescale_coords: float | None = 2.0
+    pretrained_weights: str | None = None
+
+    def backbone_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `build_backbone(self.arch, ...)` (training-only options are inert in eval mode)."""
+        return {
+            "patch_size": self.patch_size,
+            "in_chans": self.in_chans,
+            "n_storage_tokens": self.n_storage_tokens,
+            "drop_path_rate": self.drop_path_rate,
+            "layerscale_init": self.layerscale,
+            "pos_embed_rope_shift_coords": self.pos_embed_rope_shift_coords,
+            "pos_embed_rope_jitter_coords": self.pos_embed_rope_jitter_coords,
+            "pos_embed_rope_rescale_coords": self.pos_embed_rope_rescale_coords,
+        }
+
+    def problems(self) -> Problems:
+        yield from _positive(self, "patch_size", "in_chans", "layerscale")
+        yield from _non_negative(self, "n_storage_tokens", "pos_embed_rope_shift_coords")
+        yield from _unit_interval(self, "drop_path_rate")
+        for name in ("pos_embed_rope_jitter_coords", "pos_embed_rope_rescale_coords"):
+            value = getattr(self, name)  # a factor drawn log-uniformly from [1/value, value]
+            if value is not None and value < 1:
+                yield name, "must be >= 1 (a factor drawn from [1/value, value]) or null"
+
+
+@dataclass
+class TeacherConfig:
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
+
+    def problems(self) -> Problems:
+        yield from _unit_interval(self, "momentum_teacher", "final_momentum_teacher")
+        yield from _positive(self, "warmup_teacher_temp", "teacher_temp")
+        yield from _non_negative(self, "warmup_teacher_temp_epochs")
+
+
+@dataclass
+class DinoConfig:
+    loss_weight: float = 1.0
+    global_ignore_diagonal: bool = True
+    head_n_prototypes: int = 65536
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    head_hidden_dim: int = 2048
+    koleo_loss_weight: float = 0.1
+    koleo_loss_distributed: bool = True
+
+    def problems(self) -> Problems:
+        yield from _positive(self, "head_n_prototypes", "head_bottleneck_dim", "head_nlayers", "head_hidden_dim")
+        yield from _non_negative(self, "loss_weight", "koleo_loss_weight")
+
+
+@dataclass
+class IBotConfig:
+    loss_weight: float = 1.0
+    mask_sample_probability: float = 0.5
+    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    separate_head: bool = True
+    head_n_prototypes: int = 65536
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    head_hidden_dim: int = 2048
+
+    def problems(self) -> Problems:
+        yield from _non_negative(self, "loss_weight")
+        yield from _unit_interval(self, "mask_sample_probability")
+        yield from _ordered_range(self, "mask_ratio_min_max", 0.0, at_most_one=True)
+        yield from _positive(self, "head_n_prototypes", "head_bottleneck_dim", "head_nlayers", "head_hidden_dim")
+
+
+@dataclass
+class TrainConfig:
+    dataset_path: str = "SyntheticCellPainting"
+    output_dir: str = "./output"
+    batch_size_per_gpu: int = 64
+    num_workers: int = 8
+    seed: int = 0
+    OFFICIAL_EPOCH_LENGTH: int = 1250
+    centering: str = "sinkhorn_knopp"
+    log_every: int = 10
+    max_consecutive_nonfinite: int = 10
+
+    def problems(self) -> Problems:
+        yield from _positive(
+            self, "batch_size_per_gpu", "OFFICIAL_EPOCH_LENGTH", "log_every", "max_consecutive_nonfinite"
+        )
+        yield from _non_negative(self, "num_workers", "seed")
+        for message in _choice(self.centering, CENTERINGS):
+            yield "centering", message
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with DINO-style schedules; `scaled_lr` applies the batch-size scaling rule."""
+
+    epochs: int = 100
+    lr: float = 1.0e-3
+    scaling_rule: str = "sqrt_wrt_1024"
+    min_lr: float = 1.0e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+    clip_grad: float = 3.0
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    freeze_last_layer_epochs: int = 1
+
+    def scaled_lr(self, global_batch_size: int) -> float:
+        """The peak learning rate actually used: `lr` scaled by `scaling_rule` for the global batch."""
+        return self.lr * SCALING_RULES[self.scaling_rule](global_batch_size)
+
+    def problems(self) -> Problems:
+        yield from _positive(self, "epochs", "lr", "layerwise_decay")
+        yield from _non_negative(
+            self, "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad", "patch_embed_lr_mult",
+            "freeze_last_layer_epochs",
+        )
+        yield from _unit_interval(self, "adamw_beta1", "adamw_beta2")
+        if self.layerwise_decay > 1:
+            yield "layerwise_decay", "must be <= 1"
+        for message in _choice(self.scaling_rule, SCALING_RULES):
+            yield "scaling_rule", message
+
+
+@dataclass
+class ChannelViews:
+    """Channels each crop group sees: all | mean (average of the channels) | single (one random channel)."""
+
+    global1: str = "all"
+    global2: str = "all"
+    local: str = "all"
+
+    def __getitem__(self, group: str) -> str:
+        return getattr(self, group)
+
+
+@dataclass
+class GroupProbabilities:
+    """A chance per crop group (global1, global2, local)."""
+
+    global1: float = 0.0
+    global2: float = 0.0
+    local: float = 0.0
+
+    def __getitem__(self, group: str) -> float:
+        return getattr(self, group)
+
+
+@dataclass
+class CropsConfig:
+    """The multi-crop pipeline's settings (dinocell.pipeline.transforms.MultiCropTransform takes them as they are)."""
+
+    global_crops_size: int = 224
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_crops_number: int = 8
+    local_crops_size: int = 96
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    horizontal_flips: bool = True
+    vertical_flips: bool = True
+    rotate90: bool = False
+    channel_views: ChannelViews = field(default_factory=ChannelViews)
+    local_masked_crops_fraction: float = 0.0
+    photometric_aug: bool = True
+    intensity_aug_probability: float = 0.8
+    brightness_range: list[float] = field(default_factory=lambda: [0.6, 1.4])
+    contrast_range: list[float] = field(default_factory=lambda: [0.6, 1.4])
+    gamma_range: list[float] = field(default_factory=lambda: [0.8, 1.25])
+    blur_probability: GroupProbabilities = field(default_factory=lambda: GroupProbabilities(1.0, 0.1, 0.5))
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    solarization_probability: GroupProbabilities = field(default_factory=lambda: GroupProbabilities(0.0, 0.2, 0.0))
+    solarization_threshold: float = 0.5
+    noise_probability: GroupProbabilities = field(default_factory=GroupProbabilities)
+    noise_std: list[float] = field(default_factory=lambda: [0.0, 0.05])
+    rgb_color_aug: bool = False
+    channel_mean: list[float] | None = None
+    channel_std: list[float] | None = None
+
+    @property
+    def num_masked_local_crops(self) -> int:
+        """Local crops (the first ones) whose pixels outside the sample mask are zeroed."""
+        return round(self.local_masked_crops_fraction * self.local_crops_number)
+
+    def problems(self) -> Problems:
+        yield from _positive(self, "global_crops_size", "local_crops_size")
+        yield from _non_negative(self, "local_crops_number")
+        yield from _ordered_range(self, "global_crops_scale", 0.0, at_most_one=True, strict=True)
+        yield from _ordered_range(self, "local_crops_scale", 0.0, at_most_one=True, strict=True)
+        yield from _unit_interval(self, "local_masked_crops_fraction", "intensity_aug_probability")
+        for name in ("brightness_range", "contrast_range", "noise_std"):
+            yield from _ordered_range(self, name, 0.0)
+        for name in ("gamma_range", "blur_sigma"):  # a power and a Gaussian width must be positive
+            yield from _ordered_range(self, name, 0.0, strict=True)
+        for group in CROP_GROUPS:
+            for message in _choice(self.channel_views[group], CHANNEL_VIEWS):
+                yield f"channel_views.{group}", message
+            for name in ("blur_probability", "solarization_probability", "noise_probability"):
+                if not 0.0 <= getattr(self, name)[group] <= 1.0:
+                    yield f"{name}.{group}", "a probability must lie in [0, 1]"
+        if (self.channel_mean is None) != (self.channel_std is None) or (
+            self.channel_mean is not None and len(self.channel_mean) != len(self.channel_std)
+        ):
+            yield "channel_mean", "channel_mean and channel_std must both be null or two lists of the same length " \
+                "(one value per dataset channel)"
+        if self.channel_std is not None and min(self.channel_std, default=1.0) <= 0:
+            yield "channel_std", "every std must be > 0"
+
+
+@dataclass
+class EvaluationConfig:
+    eval_period_iterations: int = 12500
+    knn_train_dataset: str = ""
+    knn_test_dataset: str = ""
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+
+    def problems(self) -> Problems:
+        yield from _non_negative(self, "eval_period_iterations")
+        yield from _positive(self, "knn_k", "knn_temperature")
+
+
+@dataclass
+class CheckpointingConfig:
+    period: int = 1250
+    max_to_keep: int = 3
+
+    def problems(self) -> Problems:
+        yield from _positive(self, "period", "max_to_keep")
+
+
+@dataclass
+class ComputePrecisionConfig:
+    autocast_dtype: str = "bf16"
+
+    def problems(self) -> Problems:
+        for message in _choice(self.autocast_dtype, AUTOCAST_DTYPES):
+            yield "autocast_dtype", message
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False
+    wandb_project: str = "dinocell"
+    wandb_run_name: str = ""
+
+    def problems(self) -> Problems:
+        return iter(())
+
+
+@dataclass
+class SSLConfig:
+    """The whole training configuration."""
+
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    ibot: IBotConfig = field(default_factory=IBotConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    compute_precision: ComputePrecisionConfig = field(default_factory=ComputePrecisionConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def problems(self) -> Problems:
+        """Every section's problems, then the rules that relate sections."""
+        for section in fields(self):
+            yield from _prefixed(section.name, getattr(self, section.name).problems())
+        patch, crops = self.student.patch_size, self.crops
+        if patch > 0 and crops.global_crops_size % patch:
+            yield "crops.global_crops_size", f"is not a multiple of student.patch_size={patch}"
+        if crops.local_crops_number > 0:  # the local-crop rules matter only when there are local crops
+            if crops.local_crops_size >= crops.global_crops_size:
+                yield "crops.local_crops_size", f"local crops must be smaller than global crops " \
+                    f"({crops.global_crops_size} px)"
+            if patch > 0 and crops.local_crops_size % patch:
+                yield "crops.local_crops_size", f"is not a multiple of student.patch_size={patch}"
+
+
+def section_types(schema: type = SSLConfig, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> annotated type for every leaf of a schema dataclass (nested sections flattened)."""
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    out: dict[str, Any] = {}
+    for f in fields(schema):
+        hint = hints[f.name]
+        if is_dataclass(hint):
+            out.update(section_types(hint, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = hint
+    return out

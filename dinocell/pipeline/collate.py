@@ -1,0 +1,41 @@
+"""Stack transformed samples crop-major (like DINOv2/v3) and attach the iBOT masks the losses need."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from dinocell.pipeline.batch import SSLBatch
+
+
+def collate_ssl_batch(
+    items: Sequence[tuple[dict, int]], mask_planner: Callable[[list[int]], torch.Tensor], local_crops_size: int
+) -> SSLBatch:
+    """b `(MultiCropTransform output, position)` pairs -> SSLBatch.
+
+    `mask_planner(positions)` returns bool [n_global * b, N] rows in global-crop order
+    (dinocell.pipeline.masking.IBotMaskPlanner); `local_crops_size` only shapes the empty [0, C, L, L] local tensor
+    when there are no local crops.
+    """
+    if not items:
+        raise ValueError("cannot collate an empty batch: expected at least one transformed sample")
+    samples = [crops for crops, _ in items]
+    n_global, n_local = len(samples[0]["global_crops"]), len(samples[0]["local_crops"])
+    global_crops = torch.stack([s["global_crops"][crop] for crop in range(n_global) for s in samples])
+    if n_local:
+        local_crops = torch.stack([s["local_crops"][crop] for crop in range(n_local) for s in samples])
+    else:
+        channels = global_crops.shape[1]
+        local_crops = torch.empty(0, channels, local_crops_size, local_crops_size, dtype=global_crops.dtype)
+    masks = mask_planner([position for _, position in items])
+    per_crop = masks.sum(dim=-1, keepdim=True).clamp(min=1).float()
+    return SSLBatch(
+        global_crops=global_crops,
+        local_crops=local_crops,
+        masks=masks,
+        mask_indices=masks.flatten().nonzero().flatten(),
+        mask_weights=(1.0 / per_crop).expand_as(masks)[masks],
+        n_global_crops=n_global,
+        n_local_crops=n_local,
+    )

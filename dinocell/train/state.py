@@ -1,0 +1,83 @@
+"""The training state: everything a checkpoint holds, saved and restored through one pair of methods.
+
+`state_dict()` is what a checkpoint writes and `load_state_dict()` is what a resume reads: the model (student,
+teacher and the EMA centers), the optimiser, the iteration (which is also the data stream's position: the sampler
+restarts at that global batch), the count of skipped non-finite steps, and every rank's RNG state (drop path and
+RoPE augmentation draw from the process's global generators).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dinocell import distributed
+from dinocell.train.checkpoint import capture_rng_state, restore_rng_state
+
+logger = logging.getLogger("dinocell")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class TrainState:
+    """Model + optimiser + progress of a run; `data` identifies the sample stream the iteration counts in."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, global_batch_size: int, seed: int):
+        self.model = model
+        self.optimizer = optimizer
+        self.iteration = 0
+        self.nonfinite_count = 0
+        self.data = {"global_batch_size": global_batch_size, "seed": seed}
+        self._rng_states: list[dict[str, Any]] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint contents. Collective: every rank must call it (the RNG states are gathered)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "iteration": self.iteration,
+            "nonfinite_count": self.nonfinite_count,
+            "data": dict(self.data),
+            "rng": distributed.all_gather_object(capture_rng_state()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint; the RNG states are applied later by `seed_loop_rng` (after the loader exists)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration = state["iteration"]
+        self.nonfinite_count = state["nonfinite_count"]
+        # checkpoints of dinocell 0.1 (before this class) kept the same facts under "sampler"
+        data = state["data"] if "data" in state else {k: state["sampler"][k] for k in self.data}
+        if data != self.data:
+            logger.warning(
+                "the checkpoint was written with %s, this run has %s: the data stream restarts at global batch %d of "
+                "the new setting, so the order of samples differs from an uninterrupted run", data, self.data,
+                self.iteration,
+            )
+        self._rng_states = state["rng"]
+
+    def seed_loop_rng(self, rank: int, world_size: int, seed: int) -> None:
+        """Set the training loop's random stream: the checkpoint's state of this rank when resuming.
+
+        Called after the data loader is built, because building it draws from the global generator: restoring before
+        would shift a resumed run's stream by one draw.
+        """
+        if self._rng_states is None:
+            seed_everything(seed + rank)
+        elif len(self._rng_states) == world_size:
+            restore_rng_state(self._rng_states[rank])
+        else:
+            logger.warning("checkpoint holds RNG states of %d ranks, this run has %d: reseeding",
+                           len(self._rng_states), world_size)
+            seed_everything(seed + rank + self.iteration)
+        self._rng_states = None
