@@ -94,8 +94,15 @@ class StudentConfig:
     pos_embed_rope_rescale_coords: float | None = 2.0
     pretrained_weights: str | None = None
 
+    @property
+    def is_vit(self) -> bool:
+        """ViT architectures are named vit_*; the other family (resnet*) has no patches, tokens or RoPE."""
+        return self.arch.startswith("vit_")
+
     def backbone_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `build_backbone(self.arch, ...)` (training-only options are inert in eval mode)."""
+        if not self.is_vit:
+            return {"in_chans": self.in_chans}
         return {
             "patch_size": self.patch_size,
             "in_chans": self.in_chans,
@@ -365,7 +372,7 @@ class SSLConfig:
         """Every section's problems, then the rules that relate sections."""
         for section in fields(self):
             yield from _prefixed(section.name, getattr(self, section.name).problems())
-        patch, crops = self.student.patch_size, self.crops
+        patch, crops = self.student.patch_size if self.student.is_vit else 0, self.crops
         if patch > 0 and crops.global_crops_size % patch:
             yield "crops.global_crops_size", f"is not a multiple of student.patch_size={patch}"
         if crops.local_crops_number > 0:  # the local-crop rules matter only when there are local crops

@@ -7,6 +7,8 @@ full precision (16-bit data is never quantised).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal, get_args
 
 import torch
@@ -59,6 +61,22 @@ def normalize_image(image: torch.Tensor, method: str) -> torch.Tensor:
     """Dispatch by name; `method` is one of NORMALIZATIONS."""
     check_normalization(method, "normalize_image")
     return _METHODS[method](image)
+
+
+def load_channel_stats(path: Path, owner: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dataset mean and std per channel, [C, 1, 1] float32 each, from the JSON `dinocell mean-std` writes
+    ({"mean": [...], "std": [...]}); the dataset checks C against the channels it gives."""
+    try:
+        values = json.loads(Path(path).read_text())
+        mean, std = (torch.tensor(values[k], dtype=torch.float32).view(-1, 1, 1) for k in ("mean", "std"))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{owner}: stats '{path}' is not a readable statistics file ({type(error).__name__}: {error}); expected "
+            'JSON {"mean": [...], "std": [...]} as written by `dinocell mean-std`'
+        ) from None
+    if mean.shape != std.shape or not bool((std > 0).all()):
+        raise ValueError(f"{owner}: stats '{path}' needs as many means as stds and every std > 0, got {values}")
+    return mean, std
 
 
 _METHODS = {

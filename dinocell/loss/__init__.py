@@ -4,5 +4,14 @@ from dinocell.loss.centering import sinkhorn_knopp, softmax_center, update_cente
 from dinocell.loss.dino import dino_loss
 from dinocell.loss.ibot import ibot_loss
 from dinocell.loss.koleo import koleo_loss
+from dinocell.loss.nt_xent import nt_xent_loss
 
-__all__ = ["dino_loss", "ibot_loss", "koleo_loss", "sinkhorn_knopp", "softmax_center", "update_center"]
+__all__ = [
+    "dino_loss",
+    "ibot_loss",
+    "koleo_loss",
+    "nt_xent_loss",
+    "sinkhorn_knopp",
+    "softmax_center",
+    "update_center",
+]

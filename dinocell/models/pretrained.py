@@ -1,10 +1,11 @@
-"""Load pretrained weights into a DinoVisionTransformer, whatever layout they come in, and adapt them.
+"""Load pretrained weights into a backbone (DINOv3 ViT or ResNet), whatever layout they come in, and adapt them.
 
-Accepted sources: an official DINOv3 backbone file (torch.hub layout), a training eval dump
-{"teacher": {"backbone.*": ...}}, this project's training checkpoints (`ckpt/<iteration>/` or its checkpoint.pth,
-whose "model" entry holds "teacher.backbone.*"), Hugging Face DINOv3 weights (a transformers model directory or its
-state dict), an in-memory state dict, or a URL. Files are read with weights_only=True or safetensors: a checkpoint
-is untrusted input. Adaptations: channel count (mean kernel), patch size (pseudo-inverse resize of the kernel).
+Accepted sources: an official DINOv3 backbone file (torch.hub layout), a torchvision ResNet file (its classifier
+`fc.*` is dropped), a training eval dump {"teacher": {"backbone.*": ...}}, this project's training checkpoints
+(`ckpt/<iteration>/` or its checkpoint.pth, whose "model" entry holds "teacher.backbone.*" or "student.backbone.*"),
+Hugging Face DINOv3 weights (a transformers model directory or its state dict), an in-memory state dict, or a URL.
+Files are read with weights_only=True or safetensors: a checkpoint is untrusted input. Adaptations: channel count of
+the input layer (mean kernel), ViT patch size (pseudo-inverse resize of the kernel).
 """
 
 import difflib
@@ -20,14 +21,17 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from dinocell.models.backbones import Backbone
+from dinocell.models.resnet import RESNET_ARCHS, ResNetBackbone
 from dinocell.models.vision_transformer import ARCHS, DinoVisionTransformer
 
 # File names inside a run's directories (written by dinocell.train.checkpoint, which imports them from here).
 CHECKPOINT_FILE = "checkpoint.pth"
 TEACHER_FILE = "teacher_checkpoint.pth"
 CHECKPOINT_FILES = (CHECKPOINT_FILE, TEACHER_FILE, "model.safetensors", "model.safetensors.index.json")
-# Buffers computed from the architecture; Hugging Face files do not store them.
-COMPUTED_BUFFERS = re.compile(r"^(rope_embed\.periods|blocks\.\d+\.attn\.qkv\.bias_mask)$")
+# Buffers that are not learned: computed from the architecture (Hugging Face files do not store them), and the
+# BatchNorm step counters (older torchvision files predate them). Missing ones keep the backbone's own values.
+UNLEARNED_BUFFERS = re.compile(r"^(rope_embed\.periods|blocks\.\d+\.attn\.qkv\.bias_mask|.*\.num_batches_tracked)$")
 
 
 @dataclass
@@ -171,6 +175,8 @@ def _find_backbone(obj: Mapping) -> tuple[dict, str]:
         raise ValueError("eval dump has no 'backbone.*' keys under 'teacher'")
     if any(k.startswith("embeddings.") for k in obj):
         return hf_to_official(obj), "hugging face DINOv3ViTModel"
+    if "conv1.weight" in obj:
+        return dict(obj), "torchvision ResNet"
     return dict(obj), "official DINOv3"
 
 
@@ -187,12 +193,36 @@ def pi_resize_patch_kernel(weight: torch.Tensor, new_size: int) -> torch.Tensor:
     return new.T.reshape(*weight.shape[:2], new_size, new_size).to(weight.dtype)
 
 
+def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """[D, C, k, k] input kernel -> [D, in_chans, k, k]: every channel = mean of the C kernels x C / in_chans, so that
+    in_chans copies of a grey image give what the C-channel model gives on C copies of it."""
+    old = weight.shape[1]
+    return (weight.mean(dim=1, keepdim=True).expand(-1, in_chans, -1, -1) * (old / in_chans)).contiguous()
+
+
+def resnet_arch_of(state_dict: Mapping) -> str:
+    """The RESNET_ARCHS name of a ResNet state dict, or a description of its blocks when dinocell has no such arch."""
+    block = "Bottleneck" if "layer1.0.conv3.weight" in state_dict else "BasicBlock"
+    counts = tuple(
+        len({m.group(1) for k in state_dict if (m := re.match(rf"^layer{stage}\.(\d+)\.", k))})
+        for stage in (1, 2, 3, 4)
+    )
+    for arch, (block_type, layers) in RESNET_ARCHS.items():
+        if block_type.__name__ == block and layers == counts:
+            return arch
+    return f"a ResNet of {block} blocks {counts}"
+
+
 def _n_blocks(state_dict: Mapping) -> int:
     return len({int(m.group(1)) for k in state_dict if (m := re.match(r"^blocks\.(\d+)\.", k))})
 
 
 def _check_and_adapt(backbone: DinoVisionTransformer, sd: dict, adapted: list[str]) -> None:
     """Raise on mismatches that cannot be adapted; adapt the patch embedding's channels and patch size in place."""
+    if "conv1.weight" in sd and "patch_embed.proj.weight" not in sd:
+        arch = resnet_arch_of(sd)
+        raise ValueError(f"checkpoint holds ResNet weights ({arch}), but the backbone is a ViT; build the backbone "
+                         f"with the ResNet arch{f' {arch!r}' if arch in RESNET_ARCHS else ''}")
     if "cls_token" in sd and sd["cls_token"].shape[-1] != backbone.embed_dim:
         dim = sd["cls_token"].shape[-1]
         matching = [a for a, spec in ARCHS.items() if spec["embed_dim"] == dim]
@@ -215,7 +245,7 @@ def _check_and_adapt(backbone: DinoVisionTransformer, sd: dict, adapted: list[st
     weight = sd[key]
     if weight.shape[1] != backbone.in_chans:
         old = weight.shape[1]
-        weight = weight.mean(dim=1, keepdim=True).expand(-1, backbone.in_chans, -1, -1) * (old / backbone.in_chans)
+        weight = adapt_input_channels(weight, backbone.in_chans)
         adapted.append(f"{key}: {old} -> {backbone.in_chans} channels (mean kernel x {old}/{backbone.in_chans})")
     if weight.shape[-1] != backbone.patch_size or weight.shape[-2] != weight.shape[-1]:
         old = tuple(weight.shape[-2:])
@@ -224,9 +254,29 @@ def _check_and_adapt(backbone: DinoVisionTransformer, sd: dict, adapted: list[st
     sd[key] = weight.contiguous()
 
 
-def load_pretrained(
-    backbone: DinoVisionTransformer, source: str | Path | Mapping, *, strict: bool = True
-) -> LoadReport:
+def _check_and_adapt_resnet(backbone: ResNetBackbone, sd: dict, adapted: list[str]) -> None:
+    """Drop the ImageNet classifier, check the arch, adapt the first convolution's channels, all in place."""
+    if "conv1.weight" not in sd:
+        vit = "cls_token" in sd or "patch_embed.proj.weight" in sd
+        raise ValueError(
+            f"checkpoint has no ResNet stem (conv1.weight){': it holds ViT weights' if vit else ''}; the backbone is "
+            f"{backbone.arch}: load a torchvision ResNet file or a checkpoint of a ResNet student"
+        )
+    if (arch := resnet_arch_of(sd)) != backbone.arch:
+        hint = f"build the backbone with arch {arch!r}" if arch in RESNET_ARCHS else f"supported: {list(RESNET_ARCHS)}"
+        raise ValueError(f"checkpoint holds {arch} weights but the backbone is {backbone.arch}; {hint}")
+    if classifier := sorted(k for k in sd if k.startswith("fc.")):
+        for key in classifier:
+            del sd[key]
+        adapted.append(f"{', '.join(classifier)}: classifier dropped (the backbone ends at its pooled feature)")
+    weight = sd["conv1.weight"]
+    if weight.shape[1] != backbone.in_chans:
+        old = weight.shape[1]
+        sd["conv1.weight"] = adapt_input_channels(weight, backbone.in_chans)
+        adapted.append(f"conv1.weight: {old} -> {backbone.in_chans} channels (mean kernel x {old}/{backbone.in_chans})")
+
+
+def load_pretrained(backbone: Backbone, source: str | Path | Mapping, *, strict: bool = True) -> LoadReport:
     """Load weights from `source` into `backbone` (in place) and say what was adapted, missing and unexpected.
 
     strict=True raises if any backbone key stays missing or any checkpoint key is unused; strict=False loads what
@@ -235,12 +285,15 @@ def load_pretrained(
     obj, name = _read(source)
     sd, layout = backbone_state_dict(obj, name)
     report = LoadReport(source=name, layout=layout)
-    _check_and_adapt(backbone, sd, report.adapted)
+    if isinstance(backbone, ResNetBackbone):
+        _check_and_adapt_resnet(backbone, sd, report.adapted)
+    else:
+        _check_and_adapt(backbone, sd, report.adapted)
     own = backbone.state_dict()
     for key in own:
-        if key not in sd and COMPUTED_BUFFERS.match(key):
+        if key not in sd and UNLEARNED_BUFFERS.match(key):
             sd[key] = own[key]
-            report.adapted.append(f"{key}: computed from the architecture (not in the checkpoint)")
+            report.adapted.append(f"{key}: not learned, not in the checkpoint (the backbone's own value kept)")
     report.missing = sorted(set(own) - set(sd))
     report.unexpected = sorted(set(sd) - set(own))
     wrong_shapes = [f"{k}: checkpoint {list(sd[k].shape)} vs backbone {list(own[k].shape)}"

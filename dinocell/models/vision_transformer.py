@@ -244,14 +244,9 @@ class DinoVisionTransformer(nn.Module):
         return last.attn.cls_attention(last.norm1(t), rope)[:, :, 1 + self.n_storage_tokens :]
 
 
-def check_arch(arch: str) -> None:
-    """Raise ValueError naming the closest architecture when `arch` is not one of ARCHS."""
+def build_vit(arch: str, **kwargs) -> DinoVisionTransformer:
+    """A ViT of a named size; kwargs override the size and the DinoVisionTransformer defaults."""
     if arch not in ARCHS:
         closest = difflib.get_close_matches(arch, ARCHS, n=1, cutoff=0.0)
-        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}; closest {closest[0]!r}")
-
-
-def build_backbone(arch: str, **kwargs) -> DinoVisionTransformer:
-    """A backbone of a named size; kwargs override the size and the DinoVisionTransformer defaults."""
-    check_arch(arch)
+        raise ValueError(f"unknown ViT arch {arch!r}; expected one of {sorted(ARCHS)} (closest: {closest[0]!r})")
     return DinoVisionTransformer(**{**ARCHS[arch], **kwargs})

@@ -1,3 +1,11 @@
 """Dataset families: importing each module registers its datasets (keep this a plain list of imports)."""
 
-from dinocell.data.datasets import ct, image_folder, jump, single_cell, synthetic  # noqa: F401
+from dinocell.data.datasets import (  # noqa: F401
+    ct,
+    image_folder,
+    jump,
+    single_cell,
+    spectral_cubes,
+    synthetic,
+    synthetic_hyperspectral,
+)

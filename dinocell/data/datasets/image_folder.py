@@ -21,6 +21,7 @@ from PIL import Image
 
 from dinocell.data.dataset import SampleDataset
 from dinocell.data.io.bad_files import BadFileError, BadSampleTracker
+from dinocell.data.io.folders import files_by_class
 from dinocell.data.registry import register_dataset
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -37,13 +38,7 @@ class ImageFolder(SampleDataset):
             raise ValueError(f"ImageFolder: channels={channels} must be 1 or 3")
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageFolder: root '{self.root}' is not a directory")
-        class_dirs = sorted(d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        self.classes = [d.name for d in class_dirs]
-        if class_dirs:
-            candidates = [(f, k) for k, d in enumerate(class_dirs) for f in sorted(d.rglob("*")) if _is_image(f)]
-        else:
-            candidates = [(f, -1) for f in sorted(self.root.iterdir()) if _is_image(f)]
-        self.samples: list[tuple[pathlib.Path, int]] = candidates
+        self.classes, self.samples = files_by_class(self.root, EXTENSIONS)
         if not self.samples:
             raise FileNotFoundError(
                 f"ImageFolder: no images ({', '.join(EXTENSIONS)}) under '{self.root}' (expected root/<class>/<image>)"
@@ -83,10 +78,6 @@ class ImageFolder(SampleDataset):
         elif self.channels == 3 and colour.shape[2] == 1:
             colour = np.repeat(colour, 3, axis=2)
         return torch.from_numpy(np.ascontiguousarray(colour.transpose(2, 0, 1)))
-
-
-def _is_image(path: pathlib.Path) -> bool:
-    return path.is_file() and path.suffix.lower() in EXTENSIONS and not path.name.startswith(".")
 
 
 def _pil_array(path: pathlib.Path) -> np.ndarray:

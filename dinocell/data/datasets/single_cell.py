@@ -8,7 +8,6 @@ Channels are picked by index. Each image is min-max normalised per channel to [0
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 from dinocell.data.dataset import SampleDataset
 from dinocell.data.io.bad_files import BadFileError, BadSampleTracker
 from dinocell.data.io.tiff import decode_tiff
-from dinocell.data.normalize import minmax_normalize
+from dinocell.data.normalize import load_channel_stats, minmax_normalize
 from dinocell.data.registry import register_dataset
 
 EXTENSIONS = (".tif", ".tiff")
@@ -58,8 +57,7 @@ class SingleCellFolder(SampleDataset):
         self.labels = [self.classes.index(n) for n in names]
         self.mean = self.std = None
         if stats is not None:
-            values = json.loads(Path(stats).read_text())
-            self.mean, self.std = (torch.tensor(values[k], dtype=torch.float32).view(-1, 1, 1) for k in ("mean", "std"))
+            self.mean, self.std = load_channel_stats(stats, "SingleCellFolder")
             expected = len(channels) if channels else None
             if expected is not None and len(self.mean) != expected:
                 raise ValueError(
