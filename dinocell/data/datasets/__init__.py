@@ -1,3 +1,3 @@
 """Dataset families: importing each module registers its datasets (keep this a plain list of imports)."""
 
-from dinocell.data.datasets import ct, image_folder, jump, single_cell, synthetic  # noqa: F401
+from dinocell.data.datasets import ct, hf, image_folder, jump, single_cell, synthetic  # noqa: F401
