@@ -67,7 +67,7 @@ def test_bad_files_are_skipped_and_counted(tmp_path):
     np.savez(tmp_path / "d_small.npz", array=np.zeros((3, 8, 8)), mask=np.zeros((3, 8, 8)))
     ds = CTDataset(npz_dir_path=tmp_path, patch_size=(32, 32, 6))
     assert [ds[i]["id"] for i in range(4)] == ["a_good.npz"] * 4
-    assert ds[2]["meta"]["substituted_for"] == "c_nomask.npz"
+    assert ds[2]["meta"] == {"substituted_for": "c_nomask.npz", "bad_reason": "undecodable"}
     counts = ds.bad_sample_counts()
     assert counts["undecodable"] == 2 and counts["bad_shape"] == 1 and counts["total"] == 3
 

@@ -94,6 +94,9 @@ def test_corrupt_files_are_skipped_counted_and_warned_never_crash(tmp_path, capl
         with caplog.at_level(logging.WARNING, logger="dinocell.data"):
             sample = dataset[names.index(bad)]
         assert bad in caplog.text and sample["id"] != bad and sample["image"].shape == (3, 12, 10)
+        wanted = dataset.samples[names.index(bad)][0].relative_to(tmp_path).as_posix()
+        assert sample["meta"] == {"substituted_for": wanted, "bad_reason": "undecodable"}  # evaluation skips it
+    assert "meta" not in dataset[names.index("grey8.jpg")]  # a good sample is no substitute
     assert dataset.bad_sample_counts()["undecodable"] == 2 and dataset.bad_sample_counts()["total"] == 2
 
 

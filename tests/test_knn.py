@@ -138,52 +138,60 @@ TEST_SET = "SyntheticCellPainting:split=test:size=8:image_size=64:n_classes=3"
 
 
 def _tiny_run(tmp_path) -> tuple[str, str, nn.Module]:
-    """A config like a run's config.yaml and an eval dump of a vit_test backbone, as training writes them."""
+    """A config like a run's config.yaml and an eval dump of a vit_test backbone, as training writes them.
+
+    LayerScale 1.0: with the default 1e-5 a random ViT gives nearly the same cls token for every image, and
+    float rounding (batch sizes differ) would decide the neighbours."""
     from dinocell.models import build_backbone
 
     config = tmp_path / "config.yaml"
     config.write_text(
-        "student: {arch: vit_test, patch_size: 8, in_chans: 5}\ncrops: {global_crops_size: 32, local_crops_size: 16}\n"
+        "student: {arch: vit_test, patch_size: 8, in_chans: 5, layerscale: 1.0}\n"
+        "crops: {global_crops_size: 32, local_crops_size: 16}\n"
     )
     torch.manual_seed(123)
-    backbone = build_backbone("vit_test", patch_size=8, in_chans=5)
+    backbone = build_backbone("vit_test", patch_size=8, in_chans=5, layerscale_init=1.0)
     dump = tmp_path / "teacher_checkpoint.pth"
     torch.save({"teacher": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}}, dump)
     return str(config), str(dump), backbone
 
 
 @pytest.mark.slow
-def test_knn_cli_scores_the_checkpoint(tmp_path, capsys):
-    from dinocell.commands.knn import main
+def test_dinocell_knn_scores_a_checkpoint_on_dataset_strings(tmp_path, capsys):
+    """`dinocell knn` (= `dinocell eval knn`) with a run's config.yaml and its teacher dump, checked against the
+    library functions run here on the same eval view."""
+    import json
+
+    from dinocell.cli import main as dinocell_main
     from dinocell.config import load_config
     from dinocell.data import make_dataset
     from dinocell.pipeline.loaders import build_eval_transform
 
     config, dump, backbone = _tiny_run(tmp_path)
+    out = tmp_path / "knn"
     common = ["--config-file", config, "--train", TRAIN_SET, "--test", TEST_SET, "--num-workers", "0"]
-    assert main([*common, "--checkpoint", dump, "--k", "1", "3", "--batch-size", "5"]) == 0
-    out = capsys.readouterr().out
-    assert "loaded eval dump" in out and "12 reference / 8 query samples, 3 classes, T=0.07" in out
+    assert dinocell_main(["knn", *common, "--checkpoint", dump, "--k", "1", "3", "--batch-size", "5",
+                          "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "loaded eval dump" in printed and "12 reference / 8 query samples, 3 classes, T=0.07" in printed
 
     transform = build_eval_transform(load_config(config))
     (train_x, train_y), (test_x, test_y) = (
         extract_features(backbone, make_dataset(d), transform, batch_size=4, num_workers=0, device="cpu")
         for d in (TRAIN_SET, TEST_SET)
     )
+    results = json.loads((out / "knn.json").read_text())
     for k in (1, 3):
         top1 = knn_classify(train_x, train_y, test_x, test_y, k=k, temperature=0.07, num_classes=3)
-        assert f"k={k}: top-1 {top1:.2f}%" in out
+        assert 100 * results["k"][str(k)]["accuracy"] == pytest.approx(top1)
 
 
-def test_knn_cli_help_and_missing_datasets(tmp_path, capsys):
+def test_dinocell_knn_help_and_argument_errors(tmp_path, capsys):
     from dinocell.cli import main as dinocell_main
-    from dinocell.commands.knn import main
 
     with pytest.raises(SystemExit) as exit_info:
         dinocell_main(["knn", "--help"])
-    assert exit_info.value.code == 0 and "usage: dinocell knn" in capsys.readouterr().out
-    config, _, _ = _tiny_run(tmp_path)
-    with pytest.raises(SystemExit, match="give --train and --test"):
-        main(["--config-file", config, "--train", TRAIN_SET])
-    with pytest.raises(SystemExit, match="vit_small"):  # a config error names the closest valid value
-        main(["--arch", "vit_smal", "--train", TRAIN_SET, "--test", TEST_SET])
+    assert exit_info.value.code == 0 and "usage: dinocell eval knn" in capsys.readouterr().out
+    out = ["--output-dir", str(tmp_path / "o")]
+    assert dinocell_main(["knn", "--arch", "vit_smal", "--train", TRAIN_SET, "--test", TEST_SET, *out]) == 2
+    assert "closest 'vit_small'" in capsys.readouterr().err  # a config error names the closest valid value

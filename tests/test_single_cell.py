@@ -77,6 +77,8 @@ def test_undecodable_file_is_skipped_and_counted(tmp_path):
     (tmp_path / "B_cell" / "cell_0.tif").write_bytes(b"not a tiff")
     ds = SingleCellFolder(root=tmp_path)
     assert ds[0]["id"] == "B_cell/cell_1.tiff" and ds.bad_sample_counts()["undecodable"] == 1
+    assert ds[0]["meta"] == {"substituted_for": "B_cell/cell_0.tif", "bad_reason": "undecodable"}
+    assert "meta" not in ds[1]
 
 
 def test_blank_and_odd_files_are_skipped_never_trained_on(tmp_path):

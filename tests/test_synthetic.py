@@ -118,3 +118,27 @@ def test_tiny_fields_render_even_without_cells():
     counts = [dataset[i]["meta"]["n_cells"] for i in range(40)]
     assert min(counts) == 0 and max(counts) > 0  # empty fields happen at this size and must not crash
     assert all(dataset[i]["image"].shape == (5, 3, 3) for i in range(3))
+
+
+def test_plate_layout_is_metadata_only_and_groups_fields_by_class():
+    plain = make_dataset("SyntheticCellPainting:image_size=32:cell_radius=6:size=40")
+    other = make_dataset("SyntheticCellPainting:image_size=32:cell_radius=6:size=40:sites_per_well=3:plate_format=96:"
+                         "control_class=2")
+    for i in (0, 7, 39):  # the layout never changes an image or a label
+        assert torch.equal(plain[i]["image"], other[i]["image"]) and plain[i]["label"] == other[i]["label"]
+    metas = [other.layout_of(i) for i in range(40)]
+    wells: dict[tuple[str, str], set[int]] = {}
+    for i, meta in enumerate(metas):
+        wells.setdefault((meta["plate"], meta["well"]), set()).add(i % 4)
+    assert all(len(classes) == 1 for classes in wells.values())  # one perturbation per well
+    assert sorted(m["site"] for m in metas if (m["plate"], m["well"]) == ("SYN-train-000", "A01")) == [1, 2, 3]
+    assert metas[2]["pert_type"] == "negcon" and metas[1]["pert_type"] == "trt"
+    assert metas[5] == {"source": "synthetic", "plate": "SYN-train-000", "well": "A02", "site": 2,
+                        "perturbation": "phenotype_1", "pert_type": "trt"}
+    assert other[5]["meta"]["well"] == "A02" and other[5]["meta"]["class_name"] == "phenotype_1"
+    # 96-well plates: replicate well 24 of the 4 classes starts plate 1
+    big = make_dataset("SyntheticCellPainting:size=400:sites_per_well=1:plate_format=96:control_class=none")
+    assert big.layout_of(96)["plate"] == "SYN-train-001" and big.layout_of(95)["well"] == "H12"
+    assert {big.layout_of(i)["pert_type"] for i in range(8)} == {"trt"}
+    with pytest.raises(ValueError, match="control_class=4 must lie in \\[0, 3\\] or be none"):
+        make_dataset("SyntheticCellPainting:control_class=4")

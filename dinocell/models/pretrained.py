@@ -3,6 +3,7 @@
 Accepted sources: an official DINOv3 backbone file (torch.hub layout), a torchvision ResNet file (its classifier
 `fc.*` is dropped), a training eval dump {"teacher": {"backbone.*": ...}}, this project's training checkpoints
 (`ckpt/<iteration>/` or its checkpoint.pth, whose "model" entry holds "teacher.backbone.*" or "student.backbone.*"),
+fine-tuning checkpoints (`dinocell eval finetune`'s checkpoints/best/, "model" holding "backbone.*" and "head.*"),
 Hugging Face DINOv3 weights (a transformers model directory or its state dict), an in-memory state dict, or a URL.
 Files are read with weights_only=True or safetensors: a checkpoint is untrusted input. Adaptations: channel count of
 the input layer (mean kernel), ViT patch size (pseudo-inverse resize of the kernel).
@@ -168,7 +169,10 @@ def _find_backbone(obj: Mapping) -> tuple[dict, str]:
         for prefix in ("teacher.backbone.", "student.backbone."):
             if sd := _strip_prefix(obj["model"], prefix):
                 return sd, f"training checkpoint ({prefix[:-1]})"
-        raise ValueError("training checkpoint has no 'teacher.backbone.*' or 'student.backbone.*' keys in 'model'")
+        if sd := _strip_prefix(obj["model"], "backbone."):
+            return sd, "fine-tuning checkpoint (backbone)"
+        raise ValueError("training checkpoint has no 'teacher.backbone.*' or 'student.backbone.*' keys in 'model' "
+                         "(a fine-tuning checkpoint of a frozen backbone holds only its head)")
     if isinstance(obj.get("teacher"), Mapping):
         if sd := _strip_prefix(obj["teacher"], "backbone."):
             return sd, "eval dump (teacher.backbone)"

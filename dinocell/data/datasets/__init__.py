@@ -2,6 +2,7 @@
 
 from dinocell.data.datasets import (  # noqa: F401
     ct,
+    hf,
     image_folder,
     jump,
     single_cell,

@@ -69,7 +69,7 @@ class CTDataset(SampleDataset):
             "id": self.files[found].relative_to(self.root).as_posix(),
         }
         if found != index:
-            sample["meta"] = {"substituted_for": self.files[index].relative_to(self.root).as_posix()}
+            sample["meta"] = self._tracker.substitute_meta(index, self.files[index].relative_to(self.root).as_posix())
         return self.transform(sample) if self.transform is not None else sample
 
     def bad_sample_counts(self) -> dict[str, int]:

@@ -52,6 +52,9 @@ class ImageFolder(SampleDataset):
         found, image = self._tracker.first_good(index, self._load_index)
         path, label = self.samples[found]
         sample = {"image": image, "label": label, "id": path.relative_to(self.root).as_posix()}
+        if found != index:
+            wanted = self.samples[index][0].relative_to(self.root).as_posix()
+            sample["meta"] = self._tracker.substitute_meta(index, wanted)
         return self.transform(sample) if self.transform is not None else sample
 
     def bad_sample_counts(self) -> dict[str, int]:
@@ -66,29 +69,37 @@ class ImageFolder(SampleDataset):
             raise BadFileError("undecodable", str(path), f"{type(err).__name__}: {err}") from err
 
     def _load(self, path: pathlib.Path) -> torch.Tensor:
-        array = tifffile.imread(path) if path.suffix.lower() in (".tif", ".tiff") else _pil_array(path)
-        array = _to_unit_range(array)
-        if array.ndim == 2:
-            array = array[:, :, None]
-        if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
-            raise ValueError(f"expected H x W or H x W x (1-4) pixels, got shape {array.shape}")
-        colour = array[:, :, :3] if array.shape[2] >= 3 else array[:, :, :1]  # drop alpha
-        if self.channels == 1 and colour.shape[2] == 3:
-            colour = colour @ _LUMA[:, None]
-        elif self.channels == 3 and colour.shape[2] == 1:
-            colour = np.repeat(colour, 3, axis=2)
-        return torch.from_numpy(np.ascontiguousarray(colour.transpose(2, 0, 1)))
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return pixels_to_tensor(tifffile.imread(path), self.channels)
+        with Image.open(path) as img:
+            return pixels_to_tensor(pil_pixels(img), self.channels)
 
 
-def _pil_array(path: pathlib.Path) -> np.ndarray:
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
-            img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
-        array = np.asarray(img)
-        if img.mode == "I" and array.size and array.max() <= 65535 and array.min() >= 0:
-            array = array.astype(np.uint16)  # PIL widens 16-bit PNGs to 32-bit "I"
-        return array
+def pixels_to_tensor(array: np.ndarray, channels: int) -> torch.Tensor:
+    """H x W or H x W x (1-4) pixels -> float32 [channels, H, W] in [0, 1] by bit depth (alpha dropped, grey
+    replicated to RGB or RGB reduced to luma as `channels` asks)."""
+    array = _to_unit_range(array)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"expected H x W or H x W x (1-4) pixels, got shape {array.shape}")
+    colour = array[:, :, :3] if array.shape[2] >= 3 else array[:, :, :1]  # drop alpha
+    if channels == 1 and colour.shape[2] == 3:
+        colour = colour @ _LUMA[:, None]
+    elif channels == 3 and colour.shape[2] == 1:
+        colour = np.repeat(colour, 3, axis=2)
+    return torch.from_numpy(np.ascontiguousarray(colour.transpose(2, 0, 1)))
+
+
+def pil_pixels(img: Image.Image) -> np.ndarray:
+    """The pixels of a PIL image at their bit depth (palette and exotic modes converted to RGB(A))."""
+    img.load()
+    if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
+        img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
+    array = np.asarray(img)
+    if img.mode == "I" and array.size and array.max() <= 65535 and array.min() >= 0:
+        array = array.astype(np.uint16)  # PIL widens 16-bit PNGs to 32-bit "I"
+    return array
 
 
 def _to_unit_range(array: np.ndarray) -> np.ndarray:

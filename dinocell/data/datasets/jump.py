@@ -230,7 +230,7 @@ class _JUMPFields(SampleDataset):
             "crop": index % self.crops_per_field,
         }  # fmt: skip
         if found != wanted:
-            meta["substituted_for"] = self.fields[wanted].key
+            meta.update(self._tracker.substitute_meta(wanted, self.fields[wanted].key))
         sample = {"image": image, "label": -1, "id": record.key, "meta": meta}
         return self.transform(sample) if self.transform is not None else sample
 

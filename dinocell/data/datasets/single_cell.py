@@ -73,6 +73,8 @@ class SingleCellFolder(SampleDataset):
         found, image = self._tracker.first_good(index, self._load)
         name = self.files[found].relative_to(self.root).as_posix()
         sample = {"image": image, "label": self.labels[found], "id": name}
+        if found != index:
+            sample["meta"] = self._tracker.substitute_meta(index, self.files[index].relative_to(self.root).as_posix())
         return self.transform(sample) if self.transform is not None else sample
 
     def bad_sample_counts(self) -> dict[str, int]:

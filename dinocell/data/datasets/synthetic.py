@@ -10,6 +10,13 @@ response curve, gain and background, illumination ramp, shot and read noise) are
 per-channel mean intensities, so no trivial statistic separates the classes.
 
 Fields are deterministic in (seed, split, index) and rendered on the fly as uint16, like decoded JUMP TIFFs.
+
+Plate layout (metadata only; images and labels do not depend on it): the phenotype class is the perturbation, and
+`control_class` is the negative control (`pert_type` "negcon", the others "trt"). Sample i is field number
+(i // n_classes) of its class; `sites_per_well` consecutive fields of a class share a well, the class's replicate
+wells follow each other across `plate_format`-well plates (wells filled row by row, A01, A02, ...), so every plate
+holds wells of every class. `meta` carries source, plate, well, site, perturbation and pert_type as a JUMP field's
+does, which lets profile evaluation (per-well aggregation, plate normalisation, replicate mAP) run on it.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ ATTRIBUTES = (
 _CLASS_TABLE_SEED = 20240501  # class definitions are fixed, independent of the dataset seed and split
 _SPLIT_CODES = {"train": 0, "test": 1}
 _DNA, _ER, _RNA, _AGP, _MITO = range(5)
+PLATE_SHAPES = {96: (8, 12), 384: (16, 24)}  # plate format -> (rows, columns)
 
 
 
@@ -64,9 +72,15 @@ class SyntheticCellPainting(SampleDataset):
         split: Literal["train", "test"] = "train",
         cell_radius: float = 20.0,
         normalization: Normalization = "percentile",
+        sites_per_well: int = 4,
+        plate_format: Literal[96, 384] = 384,
+        control_class: int | None = 0,
         transform=None,
     ) -> None:
-        for key, value in (("size", size), ("image_size", image_size), ("n_classes", n_classes)):
+        """sites_per_well, plate_format, control_class: the plate layout of the metadata (module docstring);
+        control_class=none gives a layout without negative controls."""
+        for key, value in (("size", size), ("image_size", image_size), ("n_classes", n_classes),
+                           ("sites_per_well", sites_per_well)):
             if value < 1:
                 raise ValueError(f"SyntheticCellPainting: {key}={value} must be >= 1")
         if not 2.0 <= cell_radius <= image_size:
@@ -74,6 +88,13 @@ class SyntheticCellPainting(SampleDataset):
         if split not in _SPLIT_CODES:
             raise ValueError(f"SyntheticCellPainting: split='{split}' must be one of {', '.join(_SPLIT_CODES)}")
         check_normalization(normalization, "SyntheticCellPainting")
+        if plate_format not in PLATE_SHAPES:
+            raise ValueError(f"SyntheticCellPainting: plate_format={plate_format} must be one of 96, 384")
+        if control_class is not None and not 0 <= control_class < n_classes:
+            raise ValueError(
+                f"SyntheticCellPainting: control_class={control_class} must lie in [0, {n_classes - 1}] or be none"
+            )
+        self.sites_per_well, self.plate_format, self.control_class = sites_per_well, plate_format, control_class
         self.size, self.image_size, self.seed, self.split = size, image_size, seed, split
         self.cell_radius, self.normalization, self.transform = cell_radius, normalization, transform
         self.classes = [f"phenotype_{k}" for k in range(n_classes)]
@@ -86,6 +107,22 @@ class SyntheticCellPainting(SampleDataset):
     def label_of(self, index: int) -> int:
         """Classes cycle with the index, so every contiguous range of samples is balanced."""
         return index % len(self.classes)
+
+    def layout_of(self, index: int) -> dict[str, str | int]:
+        """Plate metadata of sample `index` (see the module docstring)."""
+        n_classes = len(self.classes)
+        label, number = index % n_classes, index // n_classes  # number: the field's rank within its class
+        replicate, site = divmod(number, self.sites_per_well)
+        plate, position = divmod(replicate * n_classes + label, self.plate_format)
+        row, column = divmod(position, PLATE_SHAPES[self.plate_format][1])
+        return {
+            "source": "synthetic",
+            "plate": f"SYN-{self.split}-{plate:03d}",
+            "well": f"{chr(ord('A') + row)}{column + 1:02d}",
+            "site": site + 1,
+            "perturbation": self.classes[label],
+            "pert_type": "negcon" if label == self.control_class else "trt",
+        }
 
     def render_field(self, index: int) -> tuple[np.ndarray, dict[str, int]]:
         """The raw uint16 field [5, H, W] of sample `index` and counts worth keeping (number of cells)."""
@@ -102,7 +139,8 @@ class SyntheticCellPainting(SampleDataset):
             "image": image,
             "label": label,
             "id": f"synthetic/{self.split}/seed{self.seed}/{index}",
-            "meta": {"class_name": self.classes[label], "split": self.split, "index": index, **counts},
+            "meta": {"class_name": self.classes[label], "split": self.split, "index": index, **counts,
+                     **self.layout_of(index)},
         }
         return self.transform(sample) if self.transform is not None else sample
 

@@ -3,6 +3,10 @@
 A dataset marks a sample bad (with a reason), logs one warning line with its key, and substitutes the next good
 sample deterministically. The flags live in a shared-memory tensor, so DataLoader workers (fork or spawn) see each
 other's findings: a known-bad field is not fetched again, and `counts()` in the main process covers all workers.
+
+Training wants the substitute (a fixed batch size, no crash); evaluation and statistics must not count it twice. So a
+substitute carries `meta["substituted_for"]` (the id of the bad sample) and `meta["bad_reason"]`: training ignores
+them, and evaluation skips the sample (`is_substitute`) and counts it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import torch
 logger = logging.getLogger("dinocell.data")
 
 REASONS = ("missing", "truncated", "zero_filled", "undecodable", "bad_shape", "unreachable")
+SUBSTITUTED_FOR = "substituted_for"  # meta key of a substitute: the id of the bad sample it stands in for
+BAD_REASON = "bad_reason"  # meta key of a substitute: why the sample it stands in for is bad (one of REASONS)
 
 T = TypeVar("T")
 
@@ -45,6 +51,10 @@ class BadSampleTracker:
             self.flags[index] = REASONS.index(error.reason) + 1
             logger.warning("bad sample %d skipped, the next good one is used instead: %s", index, error)
 
+    def substitute_meta(self, wanted: int, wanted_id: str) -> dict[str, str]:
+        """The meta entries of a sample returned in place of bad sample `wanted` (whose id is `wanted_id`)."""
+        return {SUBSTITUTED_FOR: wanted_id, BAD_REASON: REASONS[int(self.flags[wanted]) - 1]}
+
     def counts(self) -> dict[str, int]:
         """Distinct bad samples found so far (by any worker of this process), by reason, plus `total`."""
         hist = torch.bincount(self.flags.long(), minlength=len(REASONS) + 1).tolist()
@@ -72,3 +82,8 @@ class BadSampleTracker:
             f"no loadable sample among {min(n, self.max_consecutive_bad)} consecutive samples from index {start} "
             f"(last error: {last}); check the data location and credentials"
         )
+
+
+def is_substitute(sample: dict) -> bool:
+    """True when `sample` stands in for a bad one: evaluation and statistics skip it instead of counting it twice."""
+    return SUBSTITUTED_FOR in (sample.get("meta") or {})

@@ -1,0 +1,5 @@
+"""The error type of bad evaluation input, so commands can print its message alone (it is the user's to fix)."""
+
+
+class EvalError(ValueError):
+    """Bad input to an evaluation: a missing column, an incomplete feature directory, mismatched settings..."""
