@@ -105,6 +105,15 @@ def test_embedding_pca_map_has_one_point_per_sample_and_matches_sklearn(tmp_path
     np.testing.assert_allclose(ours, reference * signs, atol=1e-4)
 
 
+def test_embedding_of_evenly_spaced_samples(tmp_path):
+    assert viz.main(["embedding", "--dataset", DATASET, "--method", "pca", "--max-samples", "5", "--out",
+                     str(tmp_path), *TINY]) == 0
+    with open(tmp_path / "embedding_pca.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"].rsplit("/", 1)[1] for r in rows] == ["0", "2", "4", "7", "9"]
+    assert [r["label"] for r in rows] == ["phenotype_0", "phenotype_2", "phenotype_0", "phenotype_3", "phenotype_1"]
+
+
 def test_colour_values_by_label_use_class_names():
     records = [{"id": "a", "label": 1}, {"id": "b", "label": -1}]
     assert colour_values(records, "label", ["x", "y"]) == ["y", "unlabelled"]

@@ -8,9 +8,9 @@ from PIL import Image
 from dinocell.data import make_dataset
 from dinocell.data.loaders import build_ssl_transform
 from dinocell.eval import render
-from dinocell.eval.attention_maps import attention_mass_mask, cls_attention_maps, render_attention
+from dinocell.eval.attention_maps import attention_figures, attention_mass_mask, cls_attention_maps, write_attention
 from dinocell.eval.montage import crop_montage
-from dinocell.eval.pca_maps import fit_pca, patch_tokens, pca_feature_maps, render_pca
+from dinocell.eval.pca_maps import fit_pca, patch_tokens, pca_feature_maps, pca_figures, write_pca
 from dinocell.models import build_backbone
 
 PATCH = 8
@@ -95,7 +95,9 @@ def test_mass_mask_keeps_the_fewest_patches_holding_the_share():
 def test_attention_figures_are_images_of_the_expected_size(backbone, images, tmp_path):
     attention = cls_attention_maps(backbone, images)
     picture = render.composite(images[0])
-    paths = render_attention(picture, attention, 0, PATCH, tmp_path, "synthetic/test/0", mass_share=0.6)
+    figures = attention_figures(picture, attention, 0, PATCH, mass_share=0.6)
+    assert attention_figures(picture, attention, 0, PATCH).masks is None
+    paths = write_attention(figures, tmp_path, "synthetic/test/0")
     assert [p.name for p in paths] == ["synthetic_test_0.png", "synthetic_test_0_heads.png",
                                        "synthetic_test_0_heads.gif", "synthetic_test_0_masks.png"]
     side = 32 * render.tile_factor(32)  # 32 px images are enlarged to >= 96 px tiles
@@ -135,7 +137,8 @@ def test_pca_maps_lie_in_unit_range_on_the_patch_grid_and_match_sklearn(backbone
     with pytest.raises(ValueError, match="foreground threshold must be in \\(0, 1\\)"):
         pca_feature_maps(tokens, foreground_threshold=1.5)
 
-    paths = render_pca([render.composite(im) for im in images], rgb, PATCH, tmp_path, ["a", "b", "c"])
+    ids = ["a", "b", "c"]
+    paths = write_pca(*pca_figures([render.composite(im) for im in images], rgb, PATCH, ids), tmp_path, ids)
     tile = (96 + render.LABEL_HEIGHT, 96)
     assert [p.name for p in paths] == ["a_pca.png", "b_pca.png", "c_pca.png", "pca_grid.png"]
     with Image.open(paths[0]) as im:

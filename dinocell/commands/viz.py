@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = embedding.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", metavar="DATASET", help="dataset string (all its samples are mapped)")
     source.add_argument("--images", nargs="+", type=Path, metavar="FILE", help="image files (TIFF, PNG, JPEG, NPZ)")
+    embedding.add_argument("--max-samples", type=int, metavar="N",
+                           help="map N samples evenly spaced over the dataset instead of all (for large datasets)")
     embedding.add_argument("--method", choices=("umap", "pca"), default="umap",
                            help="umap (needs umap-learn) or pca (default: umap)")
     embedding.add_argument("--color-by", default="label", metavar="COLUMN",
@@ -203,7 +205,7 @@ def _views(args: argparse.Namespace, cfg: Any) -> tuple[torch.Tensor, list, list
 
 
 def _attention(args: argparse.Namespace) -> list[Path]:
-    from dinocell.eval.attention_maps import cls_attention_maps, render_attention
+    from dinocell.eval.attention_maps import attention_figures, cls_attention_maps, write_attention
 
     cfg = _config(args)
     backbone, device = _backbone(cfg, args)
@@ -211,23 +213,25 @@ def _attention(args: argparse.Namespace) -> list[Path]:
     attention = cls_attention_maps(backbone, images.to(device))
     written = []
     for k, (picture, sample_id) in enumerate(zip(pictures, ids)):
-        written += render_attention(picture, attention, k, backbone.patch_size, args.out, sample_id,
-                                    mass_share=args.masks)
+        figures = attention_figures(picture, attention, k, backbone.patch_size, mass_share=args.masks)
+        written += write_attention(figures, args.out, sample_id)
     return written
 
 
 def _pca(args: argparse.Namespace) -> list[Path]:
-    from dinocell.eval.pca_maps import patch_tokens, pca_feature_maps, render_pca
+    from dinocell.eval.pca_maps import patch_tokens, pca_feature_maps, pca_figures, write_pca
 
     cfg = _config(args)
     backbone, device = _backbone(cfg, args)
     images, pictures, ids = _views(args, cfg)
     rgb, _ = pca_feature_maps(patch_tokens(backbone, images.to(device)), args.foreground_threshold,
                               args.invert_foreground)
-    return render_pca(pictures, rgb, backbone.patch_size, args.out, ids)
+    return write_pca(*pca_figures(pictures, rgb, backbone.patch_size, ids), args.out, ids)
 
 
 def _embedding(args: argparse.Namespace) -> list[Path]:
+    from torch.utils.data import Subset
+
     from dinocell.eval.embedding_map import (
         colour_values,
         embed_2d,
@@ -239,9 +243,16 @@ def _embedding(args: argparse.Namespace) -> list[Path]:
     cfg = _config(args)
     backbone, device = _backbone(cfg, args)
     dataset = _dataset(args)
+    if args.max_samples is not None:
+        if args.max_samples < 1:
+            raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}")
+        count = min(args.max_samples, len(dataset))
+        dataset = Subset(dataset, [i * len(dataset) // count for i in range(count)])
     features, records = extract_cls_records(backbone, dataset, _model_view(cfg),
                                             batch_size=args.batch_size, num_workers=args.num_workers, device=device)
-    values = colour_values(records, args.color_by, getattr(dataset, "classes", None))
+    values = colour_values(records, args.color_by, getattr(getattr(dataset, "dataset", dataset), "classes", None))
+    print(f"mapping {len(records)} features with {args.method.upper()}"
+          + (" (its first call in a process compiles numba kernels: ~30 s)" if args.method == "umap" else ""))
     coords = embed_2d(features, args.method, n_neighbors=args.n_neighbors, min_dist=args.min_dist, seed=args.seed)
     title = f"{args.method.upper()} of {len(records)} cls features ({cfg.student.arch}), coloured by {args.color_by}"
     return [

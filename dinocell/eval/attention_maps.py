@@ -58,22 +58,20 @@ def attention_mass_mask(maps: torch.Tensor, share: float = DEFAULT_MASS_SHARE) -
     return keep.reshape(maps.shape)
 
 
-def render_attention(
-    picture: np.ndarray,
-    attention: AttentionMaps,
-    index: int,
-    patch_size: int,
-    out_dir: Path,
-    sample_id: str,
-    *,
-    mass_share: float | None = None,
-) -> list[Path]:
-    """Write the figures of image `index` of the batch; `picture` is its float [H, W, 3] display view in [0, 1].
+@dataclass
+class AttentionFigures:
+    """uint8 pictures of one image: what `write_attention` saves, or what a tracking sink logs."""
 
-    `<id>.png`: the image and the mean over heads; `<id>_heads.png`: the image and every head, each labelled with
-    the share of attention that went to patches; `<id>_heads.gif`: one frame per head; with `mass_share`,
-    `<id>_masks.png`: per head, the image dimmed outside the patches that hold that share of the attention.
-    """
+    summary: np.ndarray  # the image and the mean over heads
+    heads: np.ndarray  # the image and every head, labelled with the head's share of attention on patches
+    frames: list[np.ndarray]  # one labelled tile per head (the animation)
+    masks: np.ndarray | None  # per head, the image dimmed outside the patches holding `mass_share`
+
+
+def attention_figures(
+    picture: np.ndarray, attention: AttentionMaps, index: int, patch_size: int, *, mass_share: float | None = None
+) -> AttentionFigures:
+    """The figures of image `index` of the batch; `picture` is its float [H, W, 3] display view in [0, 1]."""
     maps, shares = attention.maps[index].numpy(), attention.patch_share[index].numpy()
     rows, cols = maps.shape[1:]
     picture = picture[: rows * patch_size, : cols * patch_size]
@@ -84,22 +82,34 @@ def render_attention(
     def head_tile(heat: np.ndarray, label: str) -> np.ndarray:
         return labelled(overlay(base, upsample(heat, pixels)), label)
 
-    stem = safe_stem(sample_id)
     image_tile = labelled(base, "image")
-    heads = [head_tile(maps[k], f"head {k} ({100 * shares[k]:.0f}%)") for k in range(attention.num_heads)]
+    frames = [head_tile(maps[k], f"head {k} ({100 * shares[k]:.0f}%)") for k in range(attention.num_heads)]
     mean_tile = head_tile(maps.mean(axis=0), f"mean of {attention.num_heads} heads")
-    written = [
-        save_png(tile_grid([image_tile, mean_tile], columns=2), out_dir / f"{stem}.png"),
-        save_png(tile_grid([image_tile, *heads], columns=min(len(heads) + 1, 8)), out_dir / f"{stem}_heads.png"),
-        save_gif(heads, out_dir / f"{stem}_heads.gif"),
-    ]
+    columns = min(attention.num_heads + 1, 8)
+    masks = None
     if mass_share is not None:
-        masks = attention_mass_mask(attention.maps[index], mass_share).numpy()
+        keep = attention_mass_mask(attention.maps[index], mass_share).numpy()
         dimmed = [
-            labelled(np.where(upsample(masks[k], pixels)[..., None], base, 0.2 * base), f"head {k}: {mass_share:.0%}")
+            labelled(np.where(upsample(keep[k], pixels)[..., None], base, 0.2 * base), f"head {k}: {mass_share:.0%}")
             for k in range(attention.num_heads)
         ]
-        written.append(save_png(tile_grid([image_tile, *dimmed], columns=min(len(dimmed) + 1, 8)),
-                                out_dir / f"{stem}_masks.png"))
-    return written
+        masks = tile_grid([image_tile, *dimmed], columns=columns)
+    return AttentionFigures(
+        summary=tile_grid([image_tile, mean_tile], columns=2),
+        heads=tile_grid([image_tile, *frames], columns=columns),
+        frames=frames,
+        masks=masks,
+    )
 
+
+def write_attention(figures: AttentionFigures, out_dir: Path, sample_id: str) -> list[Path]:
+    """`<id>.png` (summary), `<id>_heads.png`, `<id>_heads.gif` and, when made, `<id>_masks.png`."""
+    stem = safe_stem(sample_id)
+    written = [
+        save_png(figures.summary, out_dir / f"{stem}.png"),
+        save_png(figures.heads, out_dir / f"{stem}_heads.png"),
+        save_gif(figures.frames, out_dir / f"{stem}_heads.gif"),
+    ]
+    if figures.masks is not None:
+        written.append(save_png(figures.masks, out_dir / f"{stem}_masks.png"))
+    return written

@@ -84,18 +84,23 @@ def pca_feature_maps(
     return rgb, foreground
 
 
-def render_pca(
-    pictures: list[np.ndarray], rgb: torch.Tensor, patch_size: int, out_dir: Path, sample_ids: list[str]
-) -> list[Path]:
-    """Per image `<id>_pca.png` (image | PCA map), and `pca_grid.png` with all images in rows of four pairs."""
+def pca_figures(
+    pictures: list[np.ndarray], rgb: torch.Tensor, patch_size: int, sample_ids: list[str]
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """uint8 (per image: image | PCA map, all images in rows of four pairs); `pictures` are the float [H, W, 3]
+    display views in [0, 1]."""
     rows, cols = rgb.shape[1:3]
     factor = tile_factor(cols * patch_size)
-    pairs, written = [], []
+    pairs, tiles = [], []
     for picture, maps, sample_id in zip(pictures, rgb.numpy(), sample_ids, strict=True):
         image_tile = labelled(upsample(picture[: rows * patch_size, : cols * patch_size], factor), sample_id[-24:])
         pca_tile = labelled(upsample(maps, patch_size * factor), "PCA 1-3 as RGB")
-        pairs += [image_tile, pca_tile]
-        path = out_dir / f"{safe_stem(sample_id)}_pca.png"
-        written.append(save_png(tile_grid([image_tile, pca_tile], columns=2), path))
-    written.append(save_png(tile_grid(pairs, columns=8), out_dir / "pca_grid.png"))
-    return written
+        tiles += [image_tile, pca_tile]
+        pairs.append(tile_grid([image_tile, pca_tile], columns=2))
+    return pairs, tile_grid(tiles, columns=8)
+
+
+def write_pca(pairs: list[np.ndarray], grid: np.ndarray, out_dir: Path, sample_ids: list[str]) -> list[Path]:
+    """`<id>_pca.png` per image and `pca_grid.png`."""
+    written = [save_png(pair, out_dir / f"{safe_stem(i)}_pca.png") for pair, i in zip(pairs, sample_ids, strict=True)]
+    return [*written, save_png(grid, out_dir / "pca_grid.png")]
