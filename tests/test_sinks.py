@@ -52,6 +52,8 @@ def test_json_lines_sink_drops_the_iterations_a_resumed_run_repeats(tmp_path):
     sink = JsonLinesSink(tmp_path, start_iteration=0)
     for it in range(5):
         sink.log_metrics(_record(it))
+    with open(tmp_path / "training_metrics.json", "a") as f:
+        f.write('{"iteration": 5, "total_')  # the first attempt was killed while writing a line
     sink = JsonLinesSink(tmp_path, start_iteration=3)
     sink.log_metrics(_record(3))
     lines = (tmp_path / "training_metrics.json").read_text().splitlines()

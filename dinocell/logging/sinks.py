@@ -5,7 +5,8 @@
     close()
 
 - JsonLinesSink: output_dir/training_metrics.json, one object per line; a resumed run first drops the lines from its
-  start iteration on (the iterations it is about to repeat). Pictures are written as files by their producer.
+  start iteration on (the iterations it is about to repeat) and any line a crash cut off. Pictures are written as
+  files by their producer.
 - ConsoleSink: the one-line summary per record on the "dinocell" logger (stdout and logs/log.txt).
 - WandbSink: Weights & Biases, online or offline (WANDB_MODE); a resumed run continues the same wandb run.
 - TensorBoardSink: event files under output_dir/tensorboard (torch.utils.tensorboard); a resumed run purges the
@@ -48,11 +49,19 @@ class JsonLinesSink:
     def __init__(self, output_dir: Path, *, start_iteration: int) -> None:
         self.path = Path(output_dir) / METRICS_FILE
         if self.path.exists():
-            lines = self.path.read_text().splitlines()
-            kept = [line for line in lines if line and json.loads(line)["iteration"] < start_iteration]
+            kept = [line for line in self.path.read_text().splitlines() if self._before(line, start_iteration)]
             tmp = self.path.with_suffix(".json.tmp")  # replaced atomically: a crash here keeps the old lines
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(self.path)
+
+    def _before(self, line: str, start_iteration: int) -> bool:
+        """Keep a line of an iteration before the resume point; a line cut off by a crash is dropped."""
+        try:
+            return json.loads(line)["iteration"] < start_iteration
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if line.strip():
+                logger.warning("%s: dropping a line that is not a complete record: %.80s", self.path, line)
+            return False
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
