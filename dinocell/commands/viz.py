@@ -252,7 +252,7 @@ def _embedding(args: argparse.Namespace) -> list[Path]:
                                             batch_size=args.batch_size, num_workers=args.num_workers, device=device)
     values = colour_values(records, args.color_by, getattr(getattr(dataset, "dataset", dataset), "classes", None))
     print(f"mapping {len(records)} features with {args.method.upper()}"
-          + (" (its first call in a process compiles numba kernels: ~30 s)" if args.method == "umap" else ""))
+          + (" (its first call in a process compiles numba kernels: 30-60 s)" if args.method == "umap" else ""))
     coords = embed_2d(features, args.method, n_neighbors=args.n_neighbors, min_dist=args.min_dist, seed=args.seed)
     title = f"{args.method.upper()} of {len(records)} cls features ({cfg.student.arch}), coloured by {args.color_by}"
     return [

@@ -109,9 +109,10 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.set_title(title, fontsize="medium")
     ax = axes.flat[len(PANELS)]
     if knn:
-        ax.plot(*zip(*knn), marker="o")
+        ax.plot(*zip(*knn), marker="o", linestyle="--")
+        ax.margins(x=0.1, y=0.25)
         for iteration, top1 in knn:
-            ax.annotate(f"{top1:.1f}%", (iteration, top1), textcoords="offset points", xytext=(0, 6), ha="center")
+            ax.annotate(f"{top1:.2f}%", (iteration, top1), textcoords="offset points", xytext=(0, 6), ha="center")
     else:
         ax.text(0.5, 0.5, f"no {KNN_FILE}", ha="center", va="center", transform=ax.transAxes, color="grey")
     ax.set_title("k-NN top-1 (%)", fontsize="medium")

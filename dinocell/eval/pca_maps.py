@@ -93,7 +93,7 @@ def pca_figures(
     factor = tile_factor(cols * patch_size)
     pairs, tiles = [], []
     for picture, maps, sample_id in zip(pictures, rgb.numpy(), sample_ids, strict=True):
-        image_tile = labelled(upsample(picture[: rows * patch_size, : cols * patch_size], factor), sample_id[-24:])
+        image_tile = labelled(upsample(picture[: rows * patch_size, : cols * patch_size], factor), sample_id)
         pca_tile = labelled(upsample(maps, patch_size * factor), "PCA 1-3 as RGB")
         tiles += [image_tile, pca_tile]
         pairs.append(tile_grid([image_tile, pca_tile], columns=2))

@@ -112,11 +112,16 @@ def to_uint8(picture: np.ndarray) -> np.ndarray:
 
 
 def labelled(picture: np.ndarray, label: str) -> np.ndarray:
-    """The picture (uint8 or [0, 1] float [H, W, 3]) with a black strip of LABEL_HEIGHT pixels holding `label`."""
+    """The picture (uint8 or [0, 1] float [H, W, 3]) with a black strip of LABEL_HEIGHT pixels holding `label`
+    (shortened from the left to fit)."""
     tile = picture if picture.dtype == np.uint8 else to_uint8(picture)
     canvas = Image.new("RGB", (tile.shape[1], tile.shape[0] + LABEL_HEIGHT))
     canvas.paste(Image.fromarray(tile), (0, LABEL_HEIGHT))
-    ImageDraw.Draw(canvas).text((2, 0), label, fill=(255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    text = label
+    while len(text) > 1 and draw.textlength(text) > tile.shape[1] - 4:  # too wide: keep the end (ids end in numbers)
+        text = ".." + text[3:]
+    draw.text((2, 0), text, fill=(255, 255, 255))
     return np.asarray(canvas)
 
 
