@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dinocell.commands.train", "self-supervised training (DINO + iBOT + KoLeo) from a YAML config"),
     "datasets": ("dinocell.commands.datasets", "list registered datasets and the keys their strings accept"),
     "mean-std": ("dinocell.commands.mean_std", "per-channel dataset mean/std JSON (scDINO normalisation step)"),
+    "viz": ("dinocell.commands.viz", "attention, PCA and embedding maps of a model; crop montages"),
+    "plot-metrics": ("dinocell.commands.plot_metrics", "training curves of a run directory"),
     "eval": ("dinocell.commands.eval", "evaluation: features, knn, linear, finetune, channel-consistency, profile-map"),
     "knn": ("dinocell.commands.eval_knn", "k-NN classification of a checkpoint's features (= dinocell eval knn)"),
 }

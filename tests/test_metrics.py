@@ -6,6 +6,7 @@ import pytest
 
 from dinocell.config.schema import LoggingConfig
 from dinocell.logging import MetricsLogger
+from dinocell.logging.sinks import WandbSink
 
 
 def _record(iteration: int) -> dict:
@@ -27,7 +28,7 @@ def test_resume_rewrites_later_lines_and_continues_the_wandb_run(tmp_path, monke
         metrics = MetricsLogger(tmp_path, total_iterations=6, start_iteration=start, enabled=True, wandb_cfg=wandb_cfg)
         for it in range(start, stop):
             metrics.log(_record(it))
-        run_id = metrics._wandb.id
+        run_id = next(s for s in metrics.sinks if isinstance(s, WandbSink)).run.id
         metrics.close()
         return run_id
 

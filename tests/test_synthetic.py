@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import pathlib
-import runpy
-import sys
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dinocell.data import make_dataset
 from dinocell.data.datasets.synthetic import ATTRIBUTES, SyntheticCellPainting, phenotype_table
@@ -99,18 +94,6 @@ def test_classes_differ_in_structure_but_not_in_per_channel_means():
     print(f"nearest-class-mean accuracy: means {mean_accuracy:.2f}, structure {structure_accuracy:.2f}")
     assert mean_accuracy < 0.7, mean_accuracy  # chance is 0.25; measured ~0.5
     assert structure_accuracy > 0.75 and structure_accuracy > mean_accuracy + 0.15, (structure_accuracy, mean_accuracy)
-
-
-def test_montage_script_writes_one_row_per_class(tmp_path, monkeypatch):
-    out = tmp_path / "montage.png"
-    argv = ["synthetic_montage.py", "--out", str(out), "--per-class", "1", "--dataset",
-            "SyntheticCellPainting:image_size=48:n_classes=3"]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(pathlib.Path(__file__).parents[1] / "scripts/synthetic_montage.py"), run_name="__main__")
-    assert exit_info.value.code == 0
-    image = np.asarray(Image.open(out))
-    assert image.shape == (3 * 48, 5 * 48) and image.dtype == np.uint8 and image.max() == 255
 
 
 def test_tiny_fields_render_even_without_cells():

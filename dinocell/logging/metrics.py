@@ -1,20 +1,20 @@
-"""Metric sinks of a training run.
+"""The metrics logger of a training run: one record per `train.log_every` iterations, sent to every sink.
 
-- `output_dir/training_metrics.json`: one JSON object per line, every `train.log_every` iterations (and the last);
-- a console / log-file line with losses, speed and ETA;
-- wandb (`logging.wandb: true`; honours WANDB_MODE=offline), imported only when enabled.
-Only rank 0 writes; other ranks build a disabled logger so the trainer needs no rank checks.
+Sinks (dinocell.logging.sinks): `output_dir/training_metrics.json` (JSON lines), a console / log-file line with
+losses, speed and ETA, and wandb (`logging.wandb: true`; honours WANDB_MODE=offline), imported only when enabled.
+Only rank 0 writes; other ranks build a disabled logger (no sinks) so the trainer needs no rank checks.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
 import logging
-import secrets
 import sys
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from dinocell.logging.sinks import ConsoleSink, JsonLinesSink, MetricsSink, WandbSink
 
 logger = logging.getLogger("dinocell")
 
@@ -36,20 +36,8 @@ def setup_logging(output_dir: Path, *, enabled: bool) -> logging.Logger:
     return logger
 
 
-def _wandb_run_id(output_dir: Path, *, new: bool) -> str:
-    """The wandb run id of this output directory, so that a resumed run continues the same wandb run; a run that
-    starts at iteration 0 (first start or --no-resume) gets a fresh id."""
-    path = output_dir / "logs" / "wandb_run_id.txt"
-    if not new and path.is_file():
-        return path.read_text().strip()
-    run_id = secrets.token_hex(4)  # wandb ids: lowercase letters and digits
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(run_id + "\n")
-    return run_id
-
-
 class MetricsLogger:
-    """Writes one metrics record to every enabled sink."""
+    """Writes one metrics record (and pictures) to every sink."""
 
     def __init__(
         self,
@@ -61,46 +49,25 @@ class MetricsLogger:
         wandb_cfg: Any = None,
         config: Any = None,
     ) -> None:
-        self.enabled = enabled
-        self.total_iterations = total_iterations
-        self.path = Path(output_dir) / "training_metrics.json"
-        if enabled and self.path.exists():
-            # a resumed run repeats the iterations after its checkpoint: keep one line per iteration
-            lines = self.path.read_text().splitlines()
-            kept = [line for line in lines if line and json.loads(line)["iteration"] < start_iteration]
-            tmp = self.path.with_suffix(".json.tmp")  # replaced atomically: a crash here keeps the old lines
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
-        self._wandb = None
-        if enabled and wandb_cfg is not None and wandb_cfg.wandb:
-            import wandb
-
-            self._wandb = wandb.init(
-                project=wandb_cfg.wandb_project,
-                name=wandb_cfg.wandb_run_name or Path(output_dir).resolve().name,
-                dir=str(output_dir),
-                config=config,
-                id=_wandb_run_id(Path(output_dir), new=start_iteration == 0),
-                resume="allow",
+        self.sinks: list[MetricsSink] = []
+        if not enabled:
+            return
+        self.sinks = [JsonLinesSink(output_dir, start_iteration=start_iteration),
+                      ConsoleSink(total_iterations=total_iterations)]
+        if wandb_cfg is not None and wandb_cfg.wandb:
+            self.sinks.append(
+                WandbSink(output_dir, project=wandb_cfg.wandb_project, run_name=wandb_cfg.wandb_run_name,
+                          start_iteration=start_iteration, config=config)
             )
 
     def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        remaining = (self.total_iterations - record["iteration"] - 1) * record["iter_time"]
-        eta = datetime.timedelta(seconds=int(remaining))
-        logger.info(
-            "it %d/%d  ep %.2f  loss %.4f (dino g %.4f l %.4f  ibot %.4f  koleo %.4f)  lr %.2e  "
-            "%.3fs/it (data %.3fs)  %.1f img/s  eta %s",
-            record["iteration"], self.total_iterations, record["epoch"], record["total_loss"],
-            record["dino_global_crops_loss"], record["dino_local_crops_loss"], record["ibot_loss"],
-            record["koleo_loss"], record["lr"], record["iter_time"], record["data_time"], record["images_per_s"], eta,
-        )
-        if self._wandb is not None:
-            self._wandb.log(record, step=record["iteration"])
+        for sink in self.sinks:
+            sink.log_metrics(record)
+
+    def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
+        for sink in self.sinks:
+            sink.log_images(images, step)
 
     def close(self) -> None:
-        if self._wandb is not None:
-            self._wandb.finish()
+        for sink in self.sinks:
+            sink.close()

@@ -1,0 +1,38 @@
+"""`dinocell plot-metrics RUN_DIR`: training curves of a run (losses, schedules, gradient norm, speed, k-NN)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dinocell plot-metrics",
+        description="Draw a run's training curves over iterations from RUN_DIR/training_metrics.json and "
+        "RUN_DIR/eval/knn.json: the loss terms, learning rate, weight decay, teacher temperature and EMA momentum, "
+        "gradient norm, images/s, time per iteration and data wait, and k-NN top-1. Resumed runs are drawn once "
+        "per iteration (the lines of the latest attempt win). Works while the run is going.",
+        epilog="example: dinocell plot-metrics output/ --out curves.png",
+    )
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run's output directory (train.output_dir)")
+    parser.add_argument("--out", type=Path, metavar="PNG", help="output file (default: RUN_DIR/training_curves.png)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dinocell.eval.curves import plot_curves
+
+    try:
+        path = plot_curves(args.run_dir, args.out)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"dinocell plot-metrics: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Training curves of a run directory: `training_metrics.json` (JSON lines) and `eval/knn.json`, over iterations.
+
+Resumed runs: a restart shows in the file as an iteration lower than or equal to one already read. Everything the
+earlier attempt logged from that iteration on is superseded by the lines that follow (so a repeated iteration keeps
+its last occurrence, and stale lines of a crashed attempt beyond the resume point are dropped too). A last line cut
+off mid-write by a crash is skipped with a warning; a broken line elsewhere is an error naming the line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from dinocell.logging.sinks import METRICS_FILE
+
+logger = logging.getLogger("dinocell")
+
+KNN_FILE = Path("eval") / "knn.json"
+FIGURE_SIZE_PX = (1500, 1000)
+FIGURE_DPI = 100
+# (title, fields, log-scale y); "*_loss" stands for every field ending in _loss (whatever the meta-arch logs)
+PANELS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
+    ("losses", ("*_loss",), False),
+    ("learning rate", ("lr", "last_layer_lr"), False),
+    ("weight decay", ("wd",), False),
+    ("teacher temperature", ("teacher_temp",), False),
+    ("teacher EMA momentum", ("momentum",), False),
+    ("gradient norm (before clipping)", ("grad_norm",), True),
+    ("throughput (images/s)", ("images_per_s",), False),
+    ("seconds per iteration", ("iter_time", "data_time"), False),
+)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics file, one per iteration in increasing order, restarts resolved (module docstring)."""
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                logger.warning("%s: skipping the incomplete last line %d (a run stopped while writing it)", path,
+                               number)
+                continue
+            raise ValueError(f"{path}:{number} is not a JSON object ({error}); expected one record per line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
+            raise ValueError(f"{path}:{number} has no integer 'iteration'; expected a dinocell metrics record")
+        iteration = record["iteration"]
+        while records and records[-1]["iteration"] >= iteration:  # a restart: later lines supersede these
+            records.pop()
+        records.append(record)
+    return records
+
+
+def read_knn(run_dir: str | Path, last_iteration: int) -> list[tuple[int, float]]:
+    """(iteration, top-1 %) points of eval/knn.json: "init" at iteration 0, "final" after the last iteration."""
+    path = Path(run_dir) / KNN_FILE
+    if not path.is_file():
+        return []
+    result = json.loads(path.read_text())
+    points = [(0, result["init"])] if "init" in result else []
+    if "final" in result:
+        points.append((last_iteration + 1, result["final"]))
+    return points
+
+
+def _fields(records: list[dict[str, Any]], patterns: tuple[str, ...]) -> list[str]:
+    present = list(dict.fromkeys(key for r in records for key in r))
+    chosen = []
+    for pattern in patterns:
+        chosen += [k for k in present if k.endswith(pattern[1:])] if pattern.startswith("*") else [pattern]
+    return [k for k in chosen if k in present]
+
+
+def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw the run's curves (3 x 3 panels, FIGURE_SIZE_PX pixels) to `out` (default RUN_DIR/training_curves.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / METRICS_FILE
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}; expected a dinocell run directory (train.output_dir)")
+    records = read_metrics(metrics_path)
+    if not records:
+        raise ValueError(f"{metrics_path} holds no records yet; the first appears after train.log_every iterations")
+    knn = read_knn(run_dir, records[-1]["iteration"])
+    width, height = FIGURE_SIZE_PX
+    fig, axes = plt.subplots(3, 3, figsize=(width / FIGURE_DPI, height / FIGURE_DPI), dpi=FIGURE_DPI)
+    for ax, (title, patterns, log_scale) in zip(axes.flat, PANELS):
+        fields = _fields(records, patterns)
+        for field in fields:
+            points = [(r["iteration"], r[field]) for r in records if r.get(field) is not None]
+            ax.plot(*zip(*points), label=field, linewidth=1)
+        if log_scale and fields:
+            ax.set_yscale("log")
+        if len(fields) > 1:
+            ax.legend(fontsize="x-small")
+        if not fields:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set_title(title, fontsize="medium")
+    ax = axes.flat[len(PANELS)]
+    if knn:
+        ax.plot(*zip(*knn), marker="o", linestyle="--")
+        ax.margins(x=0.1, y=0.25)
+        for iteration, top1 in knn:
+            ax.annotate(f"{top1:.2f}%", (iteration, top1), textcoords="offset points", xytext=(0, 6), ha="center")
+    else:
+        ax.text(0.5, 0.5, f"no {KNN_FILE}", ha="center", va="center", transform=ax.transAxes, color="grey")
+    ax.set_title("k-NN top-1 (%)", fontsize="medium")
+    for ax in axes[-1]:
+        ax.set_xlabel("iteration")
+    fig.suptitle(f"{run_dir.resolve().name}: {len(records)} records, iterations {records[0]['iteration']}-"
+                 f"{records[-1]['iteration']}")
+    fig.tight_layout()
+    out = Path(out) if out is not None else run_dir / "training_curves.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=FIGURE_DPI)
+    plt.close(fig)
+    return out
