@@ -20,12 +20,14 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from dinocell.models.vision_transformer import ARCHS, DinoVisionTransformer
+from dinocell.models.vision_transformer import ARCHS, DinoVisionTransformer, build_backbone
 
 # File names inside a run's directories (written by dinocell.train.checkpoint, which imports them from here).
 CHECKPOINT_FILE = "checkpoint.pth"
 TEACHER_FILE = "teacher_checkpoint.pth"
 CHECKPOINT_FILES = (CHECKPOINT_FILE, TEACHER_FILE, "model.safetensors", "model.safetensors.index.json")
+# Keys of the official backbone layout (after the Hugging Face renaming); a file with none of them is another model.
+BACKBONE_KEY = re.compile(r"^(cls_token|storage_tokens|mask_token|norm\.|patch_embed\.|rope_embed\.|blocks\.\d+\.)")
 # Buffers computed from the architecture; Hugging Face files do not store them.
 COMPUTED_BUFFERS = re.compile(r"^(rope_embed\.periods|blocks\.\d+\.attn\.qkv\.bias_mask)$")
 
@@ -47,6 +49,18 @@ class LoadReport:
         )
 
 
+def _why_unreadable(error: Exception) -> str:
+    """A short reason from a loader error, without torch's advice on weights_only (which does not apply here)."""
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError):
+        if m := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+            return f"it stores a Python object ({m.group(1)}), and weights are read as plain tensors only"
+        return "its bytes are not a PyTorch checkpoint"
+    if isinstance(error, EOFError) or not text:
+        return "the file is empty or ends early"
+    return text.split(". ")[0].splitlines()[0]
+
+
 def _read_file(path: Path) -> Mapping:
     try:
         if path.suffix == ".safetensors":
@@ -54,8 +68,9 @@ def _read_file(path: Path) -> Mapping:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
         raise ValueError(
-            f"{path} is not a readable checkpoint (truncated, corrupt, or not a PyTorch/safetensors weights file): {e}"
-        ) from e
+            f"{path} is not a readable checkpoint ({_why_unreadable(e)}); expected a PyTorch state dict saved with "
+            "torch.save or a .safetensors file: it may be truncated, corrupt, or another kind of file"
+        ) from None
 
 
 def _read_sharded(index_path: Path) -> dict:
@@ -152,6 +167,15 @@ def backbone_state_dict(obj: object, name: str = "<state dict>") -> tuple[dict, 
     if not isinstance(obj, Mapping):
         raise ValueError(f"{name} holds a {type(obj).__name__}, expected a dict of tensors (a state dict)")
     sd, layout = _find_backbone(obj)
+    if not any(BACKBONE_KEY.match(k) for k in sd):
+        # a file of another model, or a state dict one level down: say what was expected and what the file holds
+        sample = ", ".join(repr(k) for k in list(obj)[:4]) + (", ..." if len(obj) > 4 else "")
+        raise ValueError(
+            f"{name} holds no ViT backbone weights: none of its {len(obj)} entries ({sample}) is a backbone key such "
+            "as 'cls_token' or 'blocks.0.attn.qkv.weight'. Expected an official DINOv3 backbone file, a Hugging Face "
+            "DINOv3 model, or a dinocell checkpoint (ckpt/<iteration>/ or eval/<iteration>/teacher_checkpoint.pth): "
+            "point student.pretrained_weights (--checkpoint for dinocell knn) at one of these"
+        )
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"{name}: expected a state dict of tensors, but these entries are not tensors: {bad[:5]}")
@@ -191,24 +215,61 @@ def _n_blocks(state_dict: Mapping) -> int:
     return len({int(m.group(1)) for k in state_dict if (m := re.match(r"^blocks\.(\d+)\.", k))})
 
 
-def _check_and_adapt(backbone: DinoVisionTransformer, sd: dict, adapted: list[str]) -> None:
-    """Raise on mismatches that cannot be adapted; adapt the patch embedding's channels and patch size in place."""
-    if "cls_token" in sd and sd["cls_token"].shape[-1] != backbone.embed_dim:
-        dim = sd["cls_token"].shape[-1]
-        matching = [a for a, spec in ARCHS.items() if spec["embed_dim"] == dim]
-        raise ValueError(
-            f"checkpoint embed dim {dim} does not match the backbone's embed_dim {backbone.embed_dim}; "
-            f"build the backbone with an arch of embed dim {dim}: {matching or 'none of ' + str(sorted(ARCHS))}"
-        )
+def _setting(key: str, value: object) -> str:
+    """How a user sets a backbone option: the config key, and the flag of `dinocell knn` (which takes the same)."""
+    return f"student.{key}={value} (`--{key.replace('_', '-')} {value}` for dinocell knn)"
+
+
+ADAPTED = ("patch_embed.proj.weight", "storage_tokens")  # adapted below, or checked with their own message
+
+
+def _shape_difference(own: Mapping, sd: Mapping) -> str | None:
+    """The first architecture difference between a backbone state dict and a checkpoint's, or None if they fit
+    (same block keys, same shapes; the patch kernel's channels and size are adaptable)."""
+    dims = [d["patch_embed.proj.weight"].shape[0] for d in (sd, own) if "patch_embed.proj.weight" in d]
+    if len(dims) == 2 and dims[0] != dims[1]:
+        return f"embed dim {dims[0]} in the checkpoint, {dims[1]} in the backbone"
+    if (depth := _n_blocks(sd)) != _n_blocks(own):
+        return f"{depth} blocks in the checkpoint, {_n_blocks(own)} in the backbone"
+    in_blocks = [{k for k in d if k.startswith("blocks.") and not COMPUTED_BUFFERS.match(k)} for d in (sd, own)]
+    if only := sorted(in_blocks[0] ^ in_blocks[1]):
+        return f"block layout differs: {only[0]} is only in the {'checkpoint' if only[0] in sd else 'backbone'}"
+    for k in own:
+        if k in sd and k not in ADAPTED and sd[k].shape != own[k].shape:
+            return f"{k}: checkpoint {list(sd[k].shape)} vs backbone {list(own[k].shape)}"
+    return None
+
+
+def _fitting_archs(sd: Mapping, n_storage_tokens: int) -> list[str]:
+    """Built-in archs whose backbone (built on the meta device: no memory) has the checkpoint's shapes; only archs of
+    the checkpoint's width are built."""
+    width = sd["cls_token"].shape[-1] if "cls_token" in sd else None
+    fitting = []
+    for arch in (a for a, spec in ARCHS.items() if width in (None, spec["embed_dim"])):
+        own = build_backbone(arch, n_storage_tokens=n_storage_tokens, device="meta").state_dict()
+        if _shape_difference(own, sd) is None:
+            fitting.append(arch)
+    return fitting
+
+
+def _check_and_adapt(backbone: DinoVisionTransformer, sd: dict, name: str, adapted: list[str]) -> None:
+    """Raise on mismatches that cannot be adapted, naming the setting to change; adapt the patch embedding's channels
+    and patch size in place."""
     if "storage_tokens" in sd and sd["storage_tokens"].shape[1] != backbone.n_storage_tokens:
         n = sd["storage_tokens"].shape[1]
         raise ValueError(
-            f"checkpoint has {n} storage tokens but the backbone has n_storage_tokens={backbone.n_storage_tokens}; "
-            f"build it with n_storage_tokens={n}"
+            f"{name} has {n} storage tokens but the backbone has {backbone.n_storage_tokens}; set "
+            f"{_setting('n_storage_tokens', n)}"
         )
-    if (depth := _n_blocks(sd)) and depth != backbone.n_blocks:
-        raise ValueError(f"checkpoint has {depth} blocks but the backbone has {backbone.n_blocks} (depth); pick the "
-                         f"arch the checkpoint was trained with")
+    if difference := _shape_difference(backbone.state_dict(), sd):
+        archs = _fitting_archs(sd, backbone.n_storage_tokens)
+        if len(archs) == 1:
+            fix = f"set {_setting('arch', archs[0])}"
+        elif archs:
+            fix = f"set student.arch to one of {archs} (`--arch` for dinocell knn)"
+        else:
+            fix = f"no built-in arch has its shapes (archs: {', '.join(ARCHS)})"
+        raise ValueError(f"{name} holds a ViT of another architecture than the backbone ({difference}); {fix}")
     key = "patch_embed.proj.weight"
     if key not in sd:
         return
@@ -235,7 +296,7 @@ def load_pretrained(
     obj, name = _read(source)
     sd, layout = backbone_state_dict(obj, name)
     report = LoadReport(source=name, layout=layout)
-    _check_and_adapt(backbone, sd, report.adapted)
+    _check_and_adapt(backbone, sd, name, report.adapted)
     own = backbone.state_dict()
     for key in own:
         if key not in sd and COMPUTED_BUFFERS.match(key):
@@ -243,18 +304,15 @@ def load_pretrained(
             report.adapted.append(f"{key}: computed from the architecture (not in the checkpoint)")
     report.missing = sorted(set(own) - set(sd))
     report.unexpected = sorted(set(sd) - set(own))
-    wrong_shapes = [f"{k}: checkpoint {list(sd[k].shape)} vs backbone {list(own[k].shape)}"
-                    for k in own if k in sd and sd[k].shape != own[k].shape]
-    if wrong_shapes:
-        raise ValueError(f"{name}: tensors with shapes that do not fit the backbone: {wrong_shapes[:5]}")
     if strict and (report.missing or report.unexpected):
         hint = ""
         if report.missing:
             close = difflib.get_close_matches(report.missing[0], report.unexpected, n=1)
             hint = f" (checkpoint key closest to {report.missing[0]!r}: {close[0]!r})" if close else ""
         raise ValueError(
-            f"{name} ({layout}) does not match the backbone: missing {report.missing[:10]}, unexpected "
-            f"{report.unexpected[:10]}{hint}; pass strict=False to load the matching part"
+            f"{name} ({layout} layout) does not match the backbone key for key: missing {report.missing[:10]}, "
+            f"unexpected {report.unexpected[:10]}{hint}; expected a complete backbone of this architecture "
+            "(a file edited or saved from a modified model loads only through load_pretrained(..., strict=False))"
         )
     backbone.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     return report
