@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+
+from dinocell.logging.progress import progress
 
 
 class _ChannelSums(Dataset):
@@ -60,7 +61,7 @@ def compute_mean_std(
     )
     total = squares = None
     pixels = 0
-    with tqdm(total=len(indices), desc="mean-std", unit="img") as bar:
+    with progress(total=len(indices), desc="mean-std", unit="img") as bar:
         for s, q, n, images in loader:
             if total is not None and s.shape != total.shape:
                 raise ValueError(f"images have different channel counts ({len(total)} and {len(s)})")

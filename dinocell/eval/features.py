@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+
+from dinocell.logging.progress import progress
 
 # sample record -> the image the model sees, or a record holding it under "image" (as EvalTransform returns)
 SampleTransform = Callable[[dict[str, Any]], torch.Tensor | dict[str, Any]]
@@ -70,7 +71,7 @@ def extract_features(
     model.eval()
     features, labels = [], []
     try:
-        for images, batch_labels in tqdm(loader, desc="features", unit="batch", leave=False):
+        for images, batch_labels in progress(loader, desc="features", unit="batch", leave=False):
             out = model(images.to(device, non_blocking=True))
             features.append(F.normalize(out.float(), p=2, dim=-1).cpu())
             labels.append(batch_labels.to(torch.int64))

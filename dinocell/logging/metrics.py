@@ -1,7 +1,8 @@
 """Metric sinks of a training run.
 
 - `output_dir/training_metrics.json`: one JSON object per line, every `train.log_every` iterations (and the last);
-- a console / log-file line with losses, speed and ETA;
+- a console / log-file line with losses, speed and ETA (from the mean speed since the first logged window: the first
+  window holds the start-up work, so it gives no ETA, and one slow window does not swing it);
 - wandb (`logging.wandb: true`; honours WANDB_MODE=offline), imported only when enabled.
 Only rank 0 writes; other ranks build a disabled logger so the trainer needs no rank checks.
 """
@@ -13,6 +14,7 @@ import json
 import logging
 import secrets
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,7 @@ class MetricsLogger:
     ) -> None:
         self.enabled = enabled
         self.total_iterations = total_iterations
+        self._since: tuple[float, int] | None = None  # (clock, iteration) at the first log: the ETA's reference
         self.path = Path(output_dir) / "training_metrics.json"
         if enabled and self.path.exists():
             # a resumed run repeats the iterations after its checkpoint: keep one line per iteration
@@ -89,17 +92,27 @@ class MetricsLogger:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        remaining = (self.total_iterations - record["iteration"] - 1) * record["iter_time"]
-        eta = datetime.timedelta(seconds=int(remaining))
         logger.info(
             "it %d/%d  ep %.2f  loss %.4f (dino g %.4f l %.4f  ibot %.4f  koleo %.4f)  lr %.2e  "
             "%.3fs/it (data %.3fs)  %.1f img/s  eta %s",
             record["iteration"], self.total_iterations, record["epoch"], record["total_loss"],
             record["dino_global_crops_loss"], record["dino_local_crops_loss"], record["ibot_loss"],
-            record["koleo_loss"], record["lr"], record["iter_time"], record["data_time"], record["images_per_s"], eta,
+            record["koleo_loss"], record["lr"], record["iter_time"], record["data_time"], record["images_per_s"],
+            self._eta(record["iteration"]),
         )
         if self._wandb is not None:
             self._wandb.log(record, step=record["iteration"])
+
+    def _eta(self, iteration: int) -> str:
+        """Remaining time at the mean speed since the first log; '-' until there is a second one."""
+        now = time.monotonic()
+        if self._since is None:
+            self._since = (now, iteration)
+        start, first = self._since
+        if iteration == first:
+            return "-"
+        remaining = (self.total_iterations - iteration - 1) * (now - start) / (iteration - first)
+        return str(datetime.timedelta(seconds=round(remaining)))
 
     def close(self) -> None:
         if self._wandb is not None:
