@@ -13,6 +13,7 @@ from PIL import Image
 
 from dinocell.data import make_dataset
 from dinocell.data.datasets.image_folder import _to_unit_range
+from dinocell.data.io.bad_files import is_substitute
 
 
 def _folder(root: pathlib.Path) -> dict[str, np.ndarray]:
@@ -94,6 +95,7 @@ def test_corrupt_files_are_skipped_counted_and_warned_never_crash(tmp_path, capl
         with caplog.at_level(logging.WARNING, logger="dinocell.data"):
             sample = dataset[names.index(bad)]
         assert bad in caplog.text and sample["id"] != bad and sample["image"].shape == (3, 12, 10)
+        assert sample["meta"]["substituted_for"].endswith(bad) and is_substitute(sample)
     assert dataset.bad_sample_counts()["undecodable"] == 2 and dataset.bad_sample_counts()["total"] == 2
 
 

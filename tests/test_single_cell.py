@@ -10,6 +10,7 @@ import tifffile
 
 from dinocell.data import make_dataset
 from dinocell.data.datasets.single_cell import SingleCellFolder, channels_first
+from dinocell.data.io.bad_files import is_substitute
 
 
 def make_cells(root, layout="last", n_per_class=3, channels=5, size=12, nested=False):
@@ -77,6 +78,9 @@ def test_undecodable_file_is_skipped_and_counted(tmp_path):
     (tmp_path / "B_cell" / "cell_0.tif").write_bytes(b"not a tiff")
     ds = SingleCellFolder(root=tmp_path)
     assert ds[0]["id"] == "B_cell/cell_1.tiff" and ds.bad_sample_counts()["undecodable"] == 1
+    # the substitute says so, so that evaluation and statistics can skip it; a good sample carries no mark
+    assert ds[0]["meta"] == {"substituted_for": "B_cell/cell_0.tif"} and is_substitute(ds[0])
+    assert not is_substitute(ds[1]) and "meta" not in ds[1]
 
 
 def test_blank_and_odd_files_are_skipped_never_trained_on(tmp_path):

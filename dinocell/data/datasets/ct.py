@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dinocell.data.io.bad_files import BadFileError, BadSampleTracker
+from dinocell.data.io.bad_files import BadFileError, BadSampleTracker, mark_substitute
 from dinocell.data.registry import register_dataset
 
 
@@ -69,7 +69,7 @@ class CTDataset(Dataset):
             "id": self.files[found].relative_to(self.root).as_posix(),
         }
         if found != index:
-            sample["meta"] = {"substituted_for": self.files[index].relative_to(self.root).as_posix()}
+            mark_substitute(sample, self.files[index].relative_to(self.root).as_posix())
         return self.transform(sample) if self.transform is not None else sample
 
     def bad_sample_counts(self) -> dict[str, int]:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dinocell.data.io.bad_files import BadFileError, BadSampleTracker
+from dinocell.data.io.bad_files import BadFileError, BadSampleTracker, mark_substitute
 from dinocell.data.registry import register_dataset
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -57,6 +57,8 @@ class ImageFolder(Dataset):
         found, image = self._tracker.first_good(index, self._load_index)
         path, label = self.samples[found]
         sample = {"image": image, "label": label, "id": path.relative_to(self.root).as_posix()}
+        if found != index:
+            mark_substitute(sample, self.samples[index][0].relative_to(self.root).as_posix())
         return self.transform(sample) if self.transform is not None else sample
 
     def bad_sample_counts(self) -> dict[str, int]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dinocell.data.io.bad_files import BadFileError, BadSampleTracker
+from dinocell.data.io.bad_files import BadFileError, BadSampleTracker, mark_substitute
 from dinocell.data.io.cache import DiskCache, LRUCache
 from dinocell.data.io.index import (
     INDEX_NAMES,
@@ -229,9 +229,9 @@ class _JUMPFields(Dataset):
             "source": source, "batch": batch, "plate": plate, "well": well, "site": site,
             "crop": index % self.crops_per_field,
         }  # fmt: skip
-        if found != wanted:
-            meta["substituted_for"] = self.fields[wanted].key
         sample = {"image": image, "label": -1, "id": record.key, "meta": meta}
+        if found != wanted:
+            mark_substitute(sample, self.fields[wanted].key)
         return self.transform(sample) if self.transform is not None else sample
 
     def _illum_stack(self, record: FieldRecord) -> np.ndarray:

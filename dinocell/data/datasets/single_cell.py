@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dinocell.data.io.bad_files import BadFileError, BadSampleTracker
+from dinocell.data.io.bad_files import BadFileError, BadSampleTracker, mark_substitute
 from dinocell.data.io.tiff import decode_tiff
 from dinocell.data.normalize import minmax_normalize
 from dinocell.data.registry import register_dataset
@@ -75,6 +75,8 @@ class SingleCellFolder(Dataset):
         found, image = self._tracker.first_good(index, self._load)
         name = self.files[found].relative_to(self.root).as_posix()
         sample = {"image": image, "label": self.labels[found], "id": name}
+        if found != index:
+            mark_substitute(sample, self.files[index].relative_to(self.root).as_posix())
         return self.transform(sample) if self.transform is not None else sample
 
     def bad_sample_counts(self) -> dict[str, int]:

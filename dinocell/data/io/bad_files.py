@@ -3,13 +3,17 @@
 A dataset marks a sample bad (with a reason), logs one warning line with its key, and substitutes the next good
 sample deterministically. The flags live in a shared-memory tensor, so DataLoader workers (fork or spawn) see each
 other's findings: a known-bad field is not fetched again, and `counts()` in the main process covers all workers.
+
+Training uses a substitute as is (a batch keeps its size). Evaluation and statistics must not count an image twice:
+a dataset returns a substitute with `mark_substitute` (`meta["substituted_for"]` = the bad sample's key), and they
+drop every sample for which `is_substitute` is true and report how many they dropped.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import torch
 
@@ -18,6 +22,18 @@ logger = logging.getLogger("dinocell.data")
 REASONS = ("missing", "truncated", "zero_filled", "undecodable", "bad_shape", "unreachable")
 
 T = TypeVar("T")
+
+
+def mark_substitute(sample: dict[str, Any], bad_key: str) -> dict[str, Any]:
+    """Record in a sample record that it stands in for the bad sample `bad_key` (returns the record)."""
+    sample.setdefault("meta", {})["substituted_for"] = bad_key
+    return sample
+
+
+def is_substitute(sample: Mapping[str, Any]) -> bool:
+    """Whether a sample record stands in for a bad one (see mark_substitute): evaluation and statistics skip it."""
+    meta = sample.get("meta")
+    return isinstance(meta, Mapping) and "substituted_for" in meta
 
 
 class BadFileError(Exception):
