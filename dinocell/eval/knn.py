@@ -69,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
             "view (crop size, channels, normalisation) matches training."
         ),
         epilog=(
-            "example: dinocell knn --config-file output/config.yaml "
-            "--checkpoint output/eval/final/teacher_checkpoint.pth --train SyntheticCellPainting:split=train:size=400 "
-            "--test SyntheticCellPainting:split=test:size=200 --k 10 20"
+            "example (the demo run of ./launch_ssl.sh): dinocell knn --config-file output/demo/config.yaml "
+            "--checkpoint output/demo/eval/final/teacher_checkpoint.pth "
+            "--train SyntheticCellPainting:split=train:size=400:image_size=96:cell_radius=12 "
+            "--test SyntheticCellPainting:split=test:size=200:image_size=96:cell_radius=12 --k 10 20"
         ),
     )
     add = parser.add_argument
