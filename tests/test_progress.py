@@ -65,6 +65,13 @@ def test_a_short_loop_is_quiet_unless_asked_to_leave_a_line(clock):
     assert kept.getvalue() == "mean-std: 40 img in 0:00:02\n"
 
 
+def test_an_iterable_without_length_counts_without_a_total(clock):
+    stream = io.StringIO()
+    for _ in progress((i for i in range(4)), desc="fields", unit="field", stream=stream, every_s=30):
+        clock.now += 10.0
+    assert stream.getvalue().splitlines() == ["fields: 3 field, 0.1 field/s", "fields: 4 field in 0:00:40"]
+
+
 def test_on_a_terminal_progress_is_a_tqdm_bar():
     stream = Terminal()
     bar = progress(range(3), desc="features", unit="batch", stream=stream)

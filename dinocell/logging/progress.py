@@ -8,6 +8,7 @@ before (or when `leave`), so short loops stay quiet as a transient bar does.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import sys
 import time
@@ -56,7 +57,7 @@ class PlainProgress(Generic[T]):
 
     def __iter__(self) -> Iterator[T]:
         try:
-            for item in self.iterable or ():
+            for item in () if self.iterable is None else self.iterable:
                 yield item
                 self.update()
         finally:
@@ -82,8 +83,10 @@ def progress(
     """A progress bar over `iterable` (or updated by hand with `.update(n)`), on stderr by default: tqdm on a
     terminal, periodic plain lines elsewhere. Use it as an iterable or a context manager, as tqdm."""
     stream = sys.stderr if stream is None else stream
-    if total is None and iterable is not None and hasattr(iterable, "__len__"):
-        total = len(iterable)  # type: ignore[arg-type]
+    if total is None and iterable is not None:
+        # no length (a generator, a loader of an iterable dataset): counts without a total
+        with contextlib.suppress(TypeError):
+            total = len(iterable)  # type: ignore[arg-type]
     isatty = getattr(stream, "isatty", None)
     if isatty is not None and isatty():
         return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, file=stream)
