@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from dinocell.models import build_backbone, load_pretrained
+from dinocell.models import WeightsError, build_backbone, load_pretrained
 from dinocell.models.pretrained import pi_resize_patch_kernel
 
 
@@ -207,7 +207,7 @@ def test_bad_sources_raise_clear_errors(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"empty_dir holds none of the expected weight files"):
         load_pretrained(model, empty)
     url = f"http://127.0.0.1:{_free_port()}/dinov3_vits16.pth"
-    with pytest.raises(RuntimeError, match=rf"could not download {url} .* pass the local file path"):
+    with pytest.raises(WeightsError, match=rf"could not download {url} .* pass the local file path"):
         load_pretrained(model, url)
     with pytest.raises(ValueError, match=r"not tensors: \['step'\]"):
         load_pretrained(model, {"cls_token": torch.zeros(1, 1, 32), "step": 3})
@@ -217,7 +217,7 @@ def test_random_bytes_give_one_sentence_without_torch_advice(tmp_path) -> None:
     """torch's own message suggests weights_only=False and 'Please file an issue': neither applies to a bad file."""
     path = tmp_path / "random.pth"
     path.write_bytes(bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist()))
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(WeightsError) as info:
         load_pretrained(_tiny(), path)
     message = str(info.value)
     assert message.startswith(f"{path} is not a readable checkpoint (")
@@ -231,7 +231,7 @@ def test_a_file_of_another_model_says_what_was_expected_and_what_it_holds(tmp_pa
               "layer1.0.conv1.weight": torch.zeros(8, 8, 3, 3), "fc.weight": torch.zeros(10, 8)}  # fmt: skip
     path = tmp_path / "resnet18.pth"
     torch.save(resnet, path)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(WeightsError) as info:
         load_pretrained(_tiny(), path)
     assert str(info.value) == (
         f"{path} holds no ViT backbone weights: none of its 5 entries ('conv1.weight', 'bn1.weight', 'bn1.bias', "
@@ -247,7 +247,7 @@ def test_a_file_of_another_model_says_what_was_expected_and_what_it_holds(tmp_pa
 def test_architecture_mismatches_name_the_setting_to_change() -> None:
     """Messages name the config key and the `dinocell knn` flag with the value that fits, not Python arguments."""
     vit_base = build_backbone("vit_base", device="meta").state_dict()
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(WeightsError) as info:
         load_pretrained(build_backbone("vit_small", device="meta"), vit_base)
     assert str(info.value) == (
         "<state dict> holds a ViT of another architecture than the backbone (embed dim 768 in the checkpoint, 384 in "

@@ -32,6 +32,11 @@ BACKBONE_KEY = re.compile(r"^(cls_token|storage_tokens|mask_token|norm\.|patch_e
 COMPUTED_BUFFERS = re.compile(r"^(rope_embed\.periods|blocks\.\d+\.attn\.qkv\.bias_mask)$")
 
 
+class WeightsError(ValueError):
+    """Weights that cannot be loaded into the backbone (unreadable, another model, another architecture, not
+    downloadable); the message is one line saying why and what to change."""
+
+
 @dataclass
 class LoadReport:
     """What load_pretrained did: the layout it recognised, keys it adapted, and keys left missing or unexpected."""
@@ -67,7 +72,7 @@ def _read_file(path: Path) -> Mapping:
             return load_file(path, device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
-        raise ValueError(
+        raise WeightsError(
             f"{path} is not a readable checkpoint ({_why_unreadable(e)}); expected a PyTorch state dict saved with "
             "torch.save or a .safetensors file: it may be truncated, corrupt, or another kind of file"
         ) from None
@@ -78,7 +83,7 @@ def _read_sharded(index_path: Path) -> dict:
     try:
         shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
     except (ValueError, KeyError, AttributeError) as e:
-        raise ValueError(f"{index_path} is not a safetensors index (expected a JSON 'weight_map'): {e}") from e
+        raise WeightsError(f"{index_path} is not a safetensors index (expected a JSON 'weight_map'): {e}") from e
     merged: dict = {}
     for shard in shards:
         merged |= _read_file(index_path.parent / shard)
@@ -94,7 +99,7 @@ def _read(source: str | Path | Mapping) -> tuple[Mapping, str]:
         try:
             return torch.hub.load_state_dict_from_url(text, map_location="cpu", weights_only=True), text
         except OSError as e:  # urllib's URLError/HTTPError: no network, refused, gated file
-            raise RuntimeError(
+            raise WeightsError(
                 f"could not download {text} ({type(e).__name__}: {e}); download it where a network is available and "
                 f"pass the local file path instead (e.g. student.pretrained_weights=/path/to/file.pth)"
             ) from e
@@ -165,12 +170,12 @@ def backbone_state_dict(obj: object, name: str = "<state dict>") -> tuple[dict, 
     """The backbone's official-layout state dict inside any supported container, and the layout's name. Whatever
     the container (file, directory, URL, training checkpoint, eval dump), the result must be a dict of tensors."""
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{name} holds a {type(obj).__name__}, expected a dict of tensors (a state dict)")
-    sd, layout = _find_backbone(obj)
+        raise WeightsError(f"{name} holds a {type(obj).__name__}, expected a dict of tensors (a state dict)")
+    sd, layout = _find_backbone(obj, name)
     if not any(BACKBONE_KEY.match(k) for k in sd):
         # a file of another model, or a state dict one level down: say what was expected and what the file holds
         sample = ", ".join(repr(k) for k in list(obj)[:4]) + (", ..." if len(obj) > 4 else "")
-        raise ValueError(
+        raise WeightsError(
             f"{name} holds no ViT backbone weights: none of its {len(obj)} entries ({sample}) is a backbone key such "
             "as 'cls_token' or 'blocks.0.attn.qkv.weight'. Expected an official DINOv3 backbone file, a Hugging Face "
             "DINOv3 model, or a dinocell checkpoint (ckpt/<iteration>/ or eval/<iteration>/teacher_checkpoint.pth): "
@@ -178,21 +183,22 @@ def backbone_state_dict(obj: object, name: str = "<state dict>") -> tuple[dict, 
         )
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"{name}: expected a state dict of tensors, but these entries are not tensors: {bad[:5]}")
+        raise WeightsError(f"{name}: expected a state dict of tensors, but these entries are not tensors: {bad[:5]}")
     return sd, layout
 
 
-def _find_backbone(obj: Mapping) -> tuple[dict, str]:
+def _find_backbone(obj: Mapping, name: str) -> tuple[dict, str]:
     """Pick the backbone entries by container layout: training checkpoint, eval dump, Hugging Face, official."""
     if isinstance(obj.get("model"), Mapping):
         for prefix in ("teacher.backbone.", "student.backbone."):
             if sd := _strip_prefix(obj["model"], prefix):
                 return sd, f"training checkpoint ({prefix[:-1]})"
-        raise ValueError("training checkpoint has no 'teacher.backbone.*' or 'student.backbone.*' keys in 'model'")
+        raise WeightsError(f"{name} is a training checkpoint without 'teacher.backbone.*' or 'student.backbone.*' keys "
+                           "in 'model'")
     if isinstance(obj.get("teacher"), Mapping):
         if sd := _strip_prefix(obj["teacher"], "backbone."):
             return sd, "eval dump (teacher.backbone)"
-        raise ValueError("eval dump has no 'backbone.*' keys under 'teacher'")
+        raise WeightsError(f"{name} is an eval dump without 'backbone.*' keys under 'teacher'")
     if any(k.startswith("embeddings.") for k in obj):
         return hf_to_official(obj), "hugging face DINOv3ViTModel"
     return dict(obj), "official DINOv3"
@@ -257,7 +263,7 @@ def _check_and_adapt(backbone: DinoVisionTransformer, sd: dict, name: str, adapt
     and patch size in place."""
     if "storage_tokens" in sd and sd["storage_tokens"].shape[1] != backbone.n_storage_tokens:
         n = sd["storage_tokens"].shape[1]
-        raise ValueError(
+        raise WeightsError(
             f"{name} has {n} storage tokens but the backbone has {backbone.n_storage_tokens}; set "
             f"{_setting('n_storage_tokens', n)}"
         )
@@ -269,7 +275,7 @@ def _check_and_adapt(backbone: DinoVisionTransformer, sd: dict, name: str, adapt
             fix = f"set student.arch to one of {archs} (`--arch` for dinocell knn)"
         else:
             fix = f"no built-in arch has its shapes (archs: {', '.join(ARCHS)})"
-        raise ValueError(f"{name} holds a ViT of another architecture than the backbone ({difference}); {fix}")
+        raise WeightsError(f"{name} holds a ViT of another architecture than the backbone ({difference}); {fix}")
     key = "patch_embed.proj.weight"
     if key not in sd:
         return
@@ -309,7 +315,7 @@ def load_pretrained(
         if report.missing:
             close = difflib.get_close_matches(report.missing[0], report.unexpected, n=1)
             hint = f" (checkpoint key closest to {report.missing[0]!r}: {close[0]!r})" if close else ""
-        raise ValueError(
+        raise WeightsError(
             f"{name} ({layout} layout) does not match the backbone key for key: missing {report.missing[:10]}, "
             f"unexpected {report.unexpected[:10]}{hint}; expected a complete backbone of this architecture "
             "(a file edited or saved from a modified model loads only through load_pretrained(..., strict=False))"
