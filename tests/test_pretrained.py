@@ -146,6 +146,11 @@ def test_non_strict_loading_reports_missing_and_unexpected() -> None:
     assert (report.missing, report.unexpected) == (["norm.weight"], ["extra.thing"])
     assert torch.equal(dst.blocks[0].attn.qkv.weight, src["blocks.0.attn.qkv.weight"])  # random: really loaded
     assert "missing ['norm.weight']" in str(report)
+    no_gamma = _tiny().state_dict()
+    del no_gamma["blocks.1.ls2.gamma"]  # a block key missing is an incomplete file, not another architecture
+    with pytest.raises(WeightsError, match=r"missing \['blocks.1.ls2.gamma'\], .*expected a complete backbone"):
+        load_pretrained(dst, no_gamma)
+    assert load_pretrained(dst, no_gamma, strict=False).missing == ["blocks.1.ls2.gamma"]
 
 
 def test_every_container_must_hold_tensors(tmp_path):
@@ -254,8 +259,8 @@ def test_architecture_mismatches_name_the_setting_to_change() -> None:
         "the backbone); set student.arch=vit_base (`--arch vit_base` for dinocell knn)"
     )
     vit_small_plus = build_backbone("vit_small_plus", device="meta").state_dict()  # same width, SwiGLU blocks
-    with pytest.raises(ValueError, match=r"block layout differs: blocks.0.mlp.fc1.bias is only in the backbone\); "
-                       r"set student.arch=vit_small_plus \(`--arch vit_small_plus` for dinocell knn\)$"):
+    with pytest.raises(WeightsError, match=r"missing \['blocks.0.mlp.fc1.bias', .*unexpected \['blocks.0.mlp.w1.bias', "
+                       r".*; set student.arch=vit_small_plus \(`--arch vit_small_plus` for dinocell knn\)$"):
         load_pretrained(build_backbone("vit_small", device="meta"), vit_small_plus)
     vit_large = build_backbone("vit_large", n_storage_tokens=0, device="meta").state_dict()
     with pytest.raises(ValueError, match=r"\(embed dim 1024 in the checkpoint, 384 .*student.arch=vit_large"):

@@ -230,32 +230,42 @@ ADAPTED = ("patch_embed.proj.weight", "storage_tokens")  # adapted below, or che
 
 
 def _shape_difference(own: Mapping, sd: Mapping) -> str | None:
-    """The first architecture difference between a backbone state dict and a checkpoint's, or None if they fit
-    (same block keys, same shapes; the patch kernel's channels and size are adaptable)."""
+    """The first shape difference between a backbone state dict and a checkpoint's (embed dim, depth, any tensor but
+    the adaptable ones), or None."""
     dims = [d["patch_embed.proj.weight"].shape[0] for d in (sd, own) if "patch_embed.proj.weight" in d]
     if len(dims) == 2 and dims[0] != dims[1]:
         return f"embed dim {dims[0]} in the checkpoint, {dims[1]} in the backbone"
     if (depth := _n_blocks(sd)) != _n_blocks(own):
         return f"{depth} blocks in the checkpoint, {_n_blocks(own)} in the backbone"
-    in_blocks = [{k for k in d if k.startswith("blocks.") and not COMPUTED_BUFFERS.match(k)} for d in (sd, own)]
-    if only := sorted(in_blocks[0] ^ in_blocks[1]):
-        return f"block layout differs: {only[0]} is only in the {'checkpoint' if only[0] in sd else 'backbone'}"
     for k in own:
         if k in sd and k not in ADAPTED and sd[k].shape != own[k].shape:
             return f"{k}: checkpoint {list(sd[k].shape)} vs backbone {list(own[k].shape)}"
     return None
 
 
+def _fits(own: Mapping, sd: Mapping) -> bool:
+    """Same shapes and the same block keys (an MLP block and a SwiGLU block of one width have equal shapes)."""
+    in_blocks = [{k for k in d if k.startswith("blocks.") and not COMPUTED_BUFFERS.match(k)} for d in (sd, own)]
+    return _shape_difference(own, sd) is None and in_blocks[0] == in_blocks[1]
+
+
 def _fitting_archs(sd: Mapping, n_storage_tokens: int) -> list[str]:
-    """Built-in archs whose backbone (built on the meta device: no memory) has the checkpoint's shapes; only archs of
-    the checkpoint's width are built."""
+    """Built-in archs whose backbone (built on the meta device: no memory) fits the checkpoint; only archs of the
+    checkpoint's width are built."""
     width = sd["cls_token"].shape[-1] if "cls_token" in sd else None
-    fitting = []
-    for arch in (a for a, spec in ARCHS.items() if width in (None, spec["embed_dim"])):
-        own = build_backbone(arch, n_storage_tokens=n_storage_tokens, device="meta").state_dict()
-        if _shape_difference(own, sd) is None:
-            fitting.append(arch)
-    return fitting
+    candidates = [a for a, spec in ARCHS.items() if width in (None, spec["embed_dim"])]
+    built = {a: build_backbone(a, n_storage_tokens=n_storage_tokens, device="meta").state_dict() for a in candidates}
+    return [a for a, own in built.items() if _fits(own, sd)]
+
+
+def _arch_fix(sd: Mapping, n_storage_tokens: int) -> str:
+    """What to set so that the backbone fits the checkpoint: the built-in arch(s) that do, or that none does."""
+    archs = _fitting_archs(sd, n_storage_tokens)
+    if len(archs) == 1:
+        return f"set {_setting('arch', archs[0])}"
+    if archs:
+        return f"set student.arch to one of {archs} (`--arch` for dinocell knn)"
+    return f"no built-in arch has its shapes (archs: {', '.join(ARCHS)})"
 
 
 def _check_and_adapt(backbone: DinoVisionTransformer, sd: dict, name: str, adapted: list[str]) -> None:
@@ -268,13 +278,7 @@ def _check_and_adapt(backbone: DinoVisionTransformer, sd: dict, name: str, adapt
             f"{_setting('n_storage_tokens', n)}"
         )
     if difference := _shape_difference(backbone.state_dict(), sd):
-        archs = _fitting_archs(sd, backbone.n_storage_tokens)
-        if len(archs) == 1:
-            fix = f"set {_setting('arch', archs[0])}"
-        elif archs:
-            fix = f"set student.arch to one of {archs} (`--arch` for dinocell knn)"
-        else:
-            fix = f"no built-in arch has its shapes (archs: {', '.join(ARCHS)})"
+        fix = _arch_fix(sd, backbone.n_storage_tokens)
         raise WeightsError(f"{name} holds a ViT of another architecture than the backbone ({difference}); {fix}")
     key = "patch_embed.proj.weight"
     if key not in sd:
@@ -315,10 +319,14 @@ def load_pretrained(
         if report.missing:
             close = difflib.get_close_matches(report.missing[0], report.unexpected, n=1)
             hint = f" (checkpoint key closest to {report.missing[0]!r}: {close[0]!r})" if close else ""
+        if _fits(own, sd):  # the architecture is right, the file is incomplete or has extra entries
+            fix = ("expected a complete backbone of this architecture (a file edited or saved from a modified model "
+                   "loads only through load_pretrained(..., strict=False))")
+        else:  # e.g. SwiGLU blocks for an MLP backbone of the same width
+            fix = _arch_fix(sd, backbone.n_storage_tokens)
         raise WeightsError(
             f"{name} ({layout} layout) does not match the backbone key for key: missing {report.missing[:10]}, "
-            f"unexpected {report.unexpected[:10]}{hint}; expected a complete backbone of this architecture "
-            "(a file edited or saved from a modified model loads only through load_pretrained(..., strict=False))"
+            f"unexpected {report.unexpected[:10]}{hint}; {fix}"
         )
     backbone.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     return report
