@@ -319,11 +319,11 @@ def load_pretrained(
         if report.missing:
             close = difflib.get_close_matches(report.missing[0], report.unexpected, n=1)
             hint = f" (checkpoint key closest to {report.missing[0]!r}: {close[0]!r})" if close else ""
-        if _fits(own, sd):  # the architecture is right, the file is incomplete or has extra entries
+        if any(k.startswith("blocks.") for k in report.unexpected):  # e.g. SwiGLU blocks for an MLP backbone
+            fix = _arch_fix(sd, backbone.n_storage_tokens)
+        else:  # the architecture is right, the file is incomplete or has extra entries
             fix = ("expected a complete backbone of this architecture (a file edited or saved from a modified model "
                    "loads only through load_pretrained(..., strict=False))")
-        else:  # e.g. SwiGLU blocks for an MLP backbone of the same width
-            fix = _arch_fix(sd, backbone.n_storage_tokens)
         raise WeightsError(
             f"{name} ({layout} layout) does not match the backbone key for key: missing {report.missing[:10]}, "
             f"unexpected {report.unexpected[:10]}{hint}; {fix}"
