@@ -208,11 +208,17 @@ class MotoServer:
 
 
 class FaultyProxy:
-    """HTTP proxy in front of an S3 endpoint: adds `delay_s` to every request and answers the first `fail_first`
-    object GETs with 503 SlowDown (throttling), to test retries and measure latency hiding."""
+    """HTTP proxy in front of an S3 endpoint, to test retries and measure latency hiding: adds `delay_s` to every
+    request, answers the first `fail_first` object GETs and the first `fail_listings` listings (ListObjectsV2, a GET
+    with a query string) with 503 SlowDown, and closes the connection without an answer on the next `drop_listings`
+    listings. `failed` counts object faults, `listing_faults` listing faults (both kinds)."""
 
-    def __init__(self, upstream_port: int, delay_s: float = 0.0, fail_first: int = 0) -> None:
+    def __init__(
+        self, upstream_port: int, delay_s: float = 0.0, fail_first: int = 0, fail_listings: int = 0,
+        drop_listings: int = 0,
+    ) -> None:  # fmt: skip
         self.delay_s, self.fail_first, self.failed, self.requests = delay_s, fail_first, 0, 0
+        self.fail_listings, self.drop_listings, self.listing_faults = fail_listings, drop_listings, 0
         self.lock = threading.Lock()
         proxy = self
         local = threading.local()
@@ -234,8 +240,17 @@ class FaultyProxy:
                     proxy.requests += 1  # counted on arrival, so a client that gave up waiting is counted too
                 time.sleep(proxy.delay_s)
                 with proxy.lock:
-                    fail = "?" not in self.path and proxy.failed < proxy.fail_first
-                    proxy.failed += fail
+                    if "?" in self.path:  # a listing
+                        fault = proxy.listing_faults
+                        fail = fault < proxy.fail_listings
+                        drop = not fail and fault < proxy.fail_listings + proxy.drop_listings
+                        proxy.listing_faults += fail or drop
+                    else:
+                        fail, drop = proxy.failed < proxy.fail_first, False
+                        proxy.failed += fail
+                if drop:  # a connection that breaks before any answer
+                    self.close_connection = True
+                    return
                 if fail:
                     body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
                     self.send_response(503)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from s3_server import BUCKET, PREFIX, S2, S4, FaultyProxy, MotoServer, make_gallery, moto_server_binary
+from s3_server import BUCKET, PREFIX, S2, S4, FaultyProxy, MotoServer, free_port, make_gallery, moto_server_binary
 from test_ct import RECIPES, TINY_RUN
 
 from dinocell.data import make_dataset
 from dinocell.data.datasets.jump import JUMPCellPaintingMultiView, JUMPS3MultiView
 from dinocell.data.io.bad_files import BadFileError
-from dinocell.data.io.s3 import get_bytes, make_client
+from dinocell.data.io.s3 import S3AccessError, _list_pages, get_bytes, list_keys, make_client
 
 if moto_server_binary() is None:
     pytest.skip("moto_server is not installed (pip install 'moto[server]'): S3 streaming tests skipped",
@@ -105,6 +105,59 @@ def test_read_timeouts_are_retried_then_unreachable(s3):
         assert info.value.reason == "unreachable" and proxy.requests == 3
 
 
+
+def test_listings_are_retried_on_throttling_and_dropped_connections(s3):
+    """ListObjectsV2 goes through the same retry policy as object reads: a 503 SlowDown and a connection closed
+    without an answer during the listing cost a retry each, not the dataset."""
+    server, gallery = s3
+    with FaultyProxy(server.port, fail_listings=1, drop_listings=1) as proxy:
+        ds = JUMPS3MultiView(endpoint_url=proxy.endpoint, normalization="none")  # lists sources, then index files
+        assert proxy.listing_faults == 2 and proxy.failed == 0
+    assert [f.key for f in ds.fields] == [f.key for f in JUMPCellPaintingMultiView(root=gallery.root).fields]
+
+
+def test_every_listing_page_is_retried(s3):
+    """Pagination is done page by page, each page request with its own retries: all keys arrive once, in order."""
+    server, gallery = s3
+    expected = sorted(p.relative_to(gallery.root).as_posix() for p in gallery.root.rglob("*") if p.is_file())
+    with FaultyProxy(server.port, fail_listings=2, drop_listings=2) as proxy:
+        client = make_client(proxy.endpoint, anonymous=True, max_connections=2)
+        pages = _list_pages(client, BUCKET, retries=4, base_delay_s=0.01, Prefix=f"{PREFIX}/", MaxKeys=7)
+        assert proxy.listing_faults == 4
+    assert len(pages) == -(-len(expected) // 7) > 2
+    assert [item["Key"] for page in pages for item in page["Contents"]] == expected
+
+
+def test_a_listing_that_keeps_failing_is_one_line_naming_endpoint_and_prefix(s3):
+    server, _ = s3
+    with FaultyProxy(server.port, fail_listings=1000) as proxy:
+        client = make_client(proxy.endpoint, anonymous=True, max_connections=2)
+        with pytest.raises(S3AccessError) as info:
+            list_keys(client, BUCKET, f"{PREFIX}/source_4/", retries=2, base_delay_s=0.01)
+        assert proxy.listing_faults == 3
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(
+        f"cannot list s3://{BUCKET}/{PREFIX}/source_4/ at S3 endpoint {proxy.endpoint} (3 attempts, last: ClientError"
+    )
+    assert "SlowDown" in message and message.endswith("check endpoint_url, the network (proxy, firewall, VPN) and "
+                                                      "that the endpoint is up")
+
+
+def test_unreachable_endpoint_and_missing_bucket_are_clear_errors(s3):
+    """Nothing listening at the endpoint: retried, then one line naming it (no botocore traceback chain); a bucket
+    that does not exist is not retried and says so."""
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(S3AccessError) as info:
+        JUMPS3MultiView(endpoint_url=endpoint, retries=1)
+    message = str(info.value)
+    assert message.startswith(f"cannot list s3://{BUCKET}/{PREFIX}/ at S3 endpoint {endpoint} (2 attempts, last: "
+                              "EndpointConnectionError")
+    assert "\n" not in message and "check endpoint_url" in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    server, _ = s3
+    with pytest.raises(S3AccessError, match=r"s3://no-such-bucket/.* \(1 attempt, last: .*NoSuchBucket.*the bucket "
+                       r"does not exist at this endpoint: check the bucket name and endpoint_url"):
+        JUMPS3MultiView(endpoint_url=server.endpoint, bucket="no-such-bucket")
 
 
 @pytest.mark.slow

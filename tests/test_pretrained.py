@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from dinocell.models import build_backbone, load_pretrained
+from dinocell.models import WeightsError, build_backbone, load_pretrained
 from dinocell.models.pretrained import pi_resize_patch_kernel
 
 
@@ -135,12 +135,22 @@ def test_non_strict_loading_reports_missing_and_unexpected() -> None:
     del src["norm.weight"]
     src["extra.thing"] = torch.zeros(1)
     dst = _tiny()
-    with pytest.raises(ValueError, match=r"missing \['norm.weight'\], unexpected \['extra.thing'\].*strict=False"):
+    with pytest.raises(ValueError) as info:
         load_pretrained(dst, src)
+    assert str(info.value) == (
+        "<state dict> (official DINOv3 layout) does not match the backbone key for key: missing ['norm.weight'], "
+        "unexpected ['extra.thing']; expected a complete backbone of this architecture (a file edited or saved from "
+        "a modified model loads only through load_pretrained(..., strict=False))"
+    )
     report = load_pretrained(dst, src, strict=False)
     assert (report.missing, report.unexpected) == (["norm.weight"], ["extra.thing"])
     assert torch.equal(dst.blocks[0].attn.qkv.weight, src["blocks.0.attn.qkv.weight"])  # random: really loaded
     assert "missing ['norm.weight']" in str(report)
+    no_gamma = _tiny().state_dict()
+    del no_gamma["blocks.1.ls2.gamma"]  # a block key missing is an incomplete file, not another architecture
+    with pytest.raises(WeightsError, match=r"missing \['blocks.1.ls2.gamma'\], .*expected a complete backbone"):
+        load_pretrained(dst, no_gamma)
+    assert load_pretrained(dst, no_gamma, strict=False).missing == ["blocks.1.ls2.gamma"]
 
 
 def test_every_container_must_hold_tensors(tmp_path):
@@ -171,16 +181,26 @@ def test_bad_sources_raise_clear_errors(tmp_path) -> None:
     torch.save(model.state_dict(), good)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(ValueError, match=r"truncated\.pth is not a readable checkpoint \(truncated"):
+    expected = "; expected a PyTorch state dict saved with torch.save or a .safetensors file: it may be truncated, " \
+               "corrupt, or another kind of file"
+    with pytest.raises(ValueError) as info:
         load_pretrained(model, truncated)
+    assert str(info.value) == f"{truncated} is not a readable checkpoint (PytorchStreamReader failed reading zip " \
+                              f"archive: failed finding central directory){expected}"
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match=r"notes\.txt is not a readable checkpoint"):
+    with pytest.raises(ValueError, match=r"notes\.txt is not a readable checkpoint \(its bytes are not a PyTorch"):
         load_pretrained(model, text)
     pickled = tmp_path / "object.pth"
     torch.save({"obj": NotWeights()}, pickled)  # weights_only refuses to unpickle arbitrary classes
-    with pytest.raises(ValueError, match=r"object\.pth is not a readable checkpoint"):
+    with pytest.raises(ValueError) as info:
         load_pretrained(model, pickled)
+    assert str(info.value) == (f"{pickled} is not a readable checkpoint (it stores a Python object "
+                               f"(test_pretrained.NotWeights), and weights are read as plain tensors only){expected}")
+    empty = tmp_path / "empty.pth"
+    empty.touch()
+    with pytest.raises(ValueError, match=r"empty\.pth is not a readable checkpoint \(the file is empty or ends early"):
+        load_pretrained(model, empty)
     bad_safetensors = tmp_path / "w.safetensors"
     bad_safetensors.write_bytes(b"\x00" * 5)
     with pytest.raises(ValueError, match=r"w\.safetensors is not a readable checkpoint"):
@@ -192,22 +212,68 @@ def test_bad_sources_raise_clear_errors(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"empty_dir holds none of the expected weight files"):
         load_pretrained(model, empty)
     url = f"http://127.0.0.1:{_free_port()}/dinov3_vits16.pth"
-    with pytest.raises(RuntimeError, match=rf"could not download {url} .* pass the local file path"):
+    with pytest.raises(WeightsError, match=rf"could not download {url} .* pass the local file path"):
         load_pretrained(model, url)
     with pytest.raises(ValueError, match=r"not tensors: \['step'\]"):
-        load_pretrained(model, {"step": 3})
+        load_pretrained(model, {"cls_token": torch.zeros(1, 1, 32), "step": 3})
 
 
-def test_architecture_mismatches_raise_clear_errors() -> None:
-    base_like = build_backbone("vit_test", embed_dim=64, device="meta").state_dict()
-    with pytest.raises(ValueError, match=r"embed dim 64 does not match the backbone's embed_dim 32; .*embed dim 64"):
-        load_pretrained(_tiny(), base_like)
-    with pytest.raises(ValueError, match=r"embed dim 768 does not match .* 384; .*\['vit_base'\]"):
-        vit_base = build_backbone("vit_base", device="meta").state_dict()
+def test_random_bytes_give_one_sentence_without_torch_advice(tmp_path) -> None:
+    """torch's own message suggests weights_only=False and 'Please file an issue': neither applies to a bad file."""
+    path = tmp_path / "random.pth"
+    path.write_bytes(bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist()))
+    with pytest.raises(WeightsError) as info:
+        load_pretrained(_tiny(), path)
+    message = str(info.value)
+    assert message.startswith(f"{path} is not a readable checkpoint (")
+    assert "\n" not in message and "file an issue" not in message and "weights_only" not in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_a_file_of_another_model_says_what_was_expected_and_what_it_holds(tmp_path) -> None:
+    """Unrelated keys (here a small CNN classifier) are not an 'official DINOv3' file with every key missing."""
+    other = {"features.0.weight": torch.zeros(8, 3, 3, 3), "features.0.bias": torch.zeros(8),
+             "classifier.weight": torch.zeros(10, 8), "classifier.bias": torch.zeros(10), "head.weight": torch.zeros(2)}
+    path = tmp_path / "cnn.pth"
+    torch.save(other, path)
+    with pytest.raises(WeightsError) as info:
+        load_pretrained(_tiny(), path)
+    assert str(info.value) == (
+        f"{path} holds no backbone weights: none of its 5 entries ('features.0.weight', 'features.0.bias', "
+        "'classifier.weight', 'classifier.bias', ...) is a backbone key such as 'cls_token', "
+        "'blocks.0.attn.qkv.weight' or 'conv1.weight'. Expected an official DINOv3 backbone file, a Hugging Face "
+        "DINOv3 model, a torchvision ResNet file, or a dinocell checkpoint (ckpt/<iteration>/ or "
+        "eval/<iteration>/teacher_checkpoint.pth): point student.pretrained_weights (--checkpoint for dinocell knn) "
+        "at one of these"
+    )
+    with pytest.raises(ValueError, match=r"none of its 1 entries \('state_dict'\)"):  # a state dict one level down
+        load_pretrained(_tiny(), {"state_dict": _tiny().state_dict()})
+
+
+def test_architecture_mismatches_name_the_setting_to_change() -> None:
+    """Messages name the config key and the `dinocell knn` flag with the value that fits, not Python arguments."""
+    vit_base = build_backbone("vit_base", device="meta").state_dict()
+    with pytest.raises(WeightsError) as info:
         load_pretrained(build_backbone("vit_small", device="meta"), vit_base)
-    with pytest.raises(ValueError, match=r"4 storage tokens but the backbone has n_storage_tokens=0; .*=4"):
+    assert str(info.value) == (
+        "<state dict> holds a ViT of another architecture than the backbone (embed dim 768 in the checkpoint, 384 in "
+        "the backbone); set student.arch=vit_base (`--arch vit_base` for dinocell knn)"
+    )
+    vit_small_plus = build_backbone("vit_small_plus", device="meta").state_dict()  # same width, SwiGLU blocks
+    with pytest.raises(WeightsError, match=r"missing \['blocks.0.mlp.fc1.bias', .*unexpected \['blocks.0.mlp.w1.bias', "
+                       r".*; set student.arch=vit_small_plus \(`--arch vit_small_plus` for dinocell knn\)$"):
+        load_pretrained(build_backbone("vit_small", device="meta"), vit_small_plus)
+    vit_large = build_backbone("vit_large", n_storage_tokens=0, device="meta").state_dict()
+    with pytest.raises(ValueError, match=r"\(embed dim 1024 in the checkpoint, 384 .*student.arch=vit_large"):
+        load_pretrained(build_backbone("vit_small", n_storage_tokens=0, device="meta"), vit_large)
+    with pytest.raises(ValueError) as info:
         load_pretrained(_tiny(n_storage_tokens=0), _tiny().state_dict())
-    with pytest.raises(ValueError, match=r"checkpoint has 3 blocks but the backbone has 2"):
+    assert str(info.value) == ("<state dict> has 4 storage tokens but the backbone has 0; set "
+                               "student.n_storage_tokens=4 (`--n-storage-tokens 4` for dinocell knn)")
+    with pytest.raises(ValueError, match=r"\(3 blocks in the checkpoint, 2 in the backbone\); no built-in arch"):
         load_pretrained(_tiny(), _tiny(depth=3).state_dict())
-    with pytest.raises(ValueError, match=r"mlp.fc1.weight: checkpoint \[64, 32\] vs backbone \[128, 32\]"):
+    with pytest.raises(ValueError, match=r"mlp.fc1.weight: checkpoint \[64, 32\] vs backbone \[128, 32\]\); no built"):
         load_pretrained(_tiny(), _tiny(ffn_ratio=2.0).state_dict())
+    base_like = build_backbone("vit_test", embed_dim=64, device="meta").state_dict()
+    with pytest.raises(ValueError, match=r"embed dim 64 in the checkpoint, 32 in the backbone\); no built-in arch has"):
+        load_pretrained(_tiny(), base_like)

@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from dinocell.models import RESNET_ARCHS, build_backbone, load_pretrained
+from dinocell.models import RESNET_ARCHS, WeightsError, build_backbone, load_pretrained
 
 
 def _torchvision_resnet18(seed: int = 0) -> nn.Module:
@@ -117,15 +117,15 @@ def test_mismatched_weights_are_named() -> None:
     with torch.device("meta"):
         resnet50 = torchvision.models.resnet50().state_dict()
         resnet34 = torchvision.models.resnet34().state_dict()
-    with pytest.raises(ValueError, match=r"holds resnet50 weights but the backbone is resnet18; build the backbone "
-                                         r"with arch 'resnet50'"):
+    with pytest.raises(WeightsError, match=r"holds resnet50 weights but the backbone is resnet18; set "
+                                           r"student.arch=resnet50 \(`--arch resnet50` for dinocell knn\)"):
         load_pretrained(build_backbone("resnet18"), resnet50)
     with pytest.raises(ValueError, match=r"holds a ResNet of BasicBlock blocks \(3, 4, 6, 3\) weights .* supported: "):
         load_pretrained(build_backbone("resnet18"), resnet34)
     with pytest.raises(ValueError, match=r"no ResNet stem \(conv1.weight\): it holds ViT weights"):
         load_pretrained(build_backbone("resnet18"), build_backbone("vit_test").state_dict())
-    with pytest.raises(ValueError, match=r"holds ResNet weights \(resnet50\), but the backbone is a ViT; build the "
-                                         r"backbone with the ResNet arch 'resnet50'"):
+    with pytest.raises(WeightsError, match=r"holds ResNet weights \(resnet50\), but the backbone is a ViT; set "
+                                           r"student.arch=resnet50"):
         load_pretrained(build_backbone("vit_test"), resnet50)
 
 

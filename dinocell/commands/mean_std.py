@@ -40,5 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     stats.update(dataset=args.dataset, fraction=args.fraction, seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(stats, indent=2) + "\n")
-    print(f"mean {[round(m, 4) for m in stats['mean']]} std {[round(s, 4) for s in stats['std']]} -> {args.out}")
+    skipped = f" ({stats['n_skipped']} bad files skipped)" if stats["n_skipped"] else ""
+    print(f"mean {[round(m, 4) for m in stats['mean']]} std {[round(s, 4) for s in stats['std']]} over "
+          f"{stats['n_images']} images{skipped} -> {args.out}")
     return 0

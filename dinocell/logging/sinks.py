@@ -23,6 +23,7 @@ import datetime
 import json
 import logging
 import secrets
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -75,12 +76,25 @@ class JsonLinesSink:
 
 
 class ConsoleSink:
+    """One log line per record. The ETA comes from the mean speed since the first logged record: the first window
+    holds the start-up work, so it gives none ('-'), and one slow window does not swing it."""
+
     def __init__(self, *, total_iterations: int) -> None:
         self.total_iterations = total_iterations
+        self._since: tuple[float, int] | None = None  # (clock, iteration) of the first record
+
+    def _eta(self, iteration: int) -> str:
+        now = time.monotonic()
+        if self._since is None:
+            self._since = (now, iteration)
+        start, first = self._since
+        if iteration == first:
+            return "-"
+        remaining = (self.total_iterations - iteration - 1) * (now - start) / (iteration - first)
+        return str(datetime.timedelta(seconds=round(remaining)))
 
     def log_metrics(self, record: dict[str, Any]) -> None:
-        remaining = (self.total_iterations - record["iteration"] - 1) * record["iter_time"]
-        eta = datetime.timedelta(seconds=int(remaining))
+        eta = self._eta(record["iteration"])
         logger.info(
             "it %d/%d  ep %.2f  loss %.4f (dino g %.4f l %.4f  ibot %.4f  koleo %.4f)  lr %.2e  "
             "%.3fs/it (data %.3fs)  %.1f img/s  eta %s",

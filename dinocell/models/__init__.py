@@ -1,7 +1,7 @@
 """Backbones (DINOv3 ViT family, torchvision ResNets) and loading of pretrained weights."""
 
 from dinocell.models.backbones import BACKBONE_ARCHS, Backbone, build_backbone, check_arch
-from dinocell.models.pretrained import LoadReport, load_pretrained
+from dinocell.models.pretrained import LoadReport, WeightsError, load_pretrained
 from dinocell.models.resnet import RESNET_ARCHS, ResNetBackbone
 from dinocell.models.vision_transformer import ARCHS, DinoVisionTransformer
 
@@ -13,6 +13,7 @@ __all__ = [
     "DinoVisionTransformer",
     "LoadReport",
     "ResNetBackbone",
+    "WeightsError",
     "build_backbone",
     "check_arch",
     "load_pretrained",

@@ -24,15 +24,25 @@ from safetensors.torch import load_file
 
 from dinocell.models.backbones import Backbone
 from dinocell.models.resnet import RESNET_ARCHS, ResNetBackbone
-from dinocell.models.vision_transformer import ARCHS, DinoVisionTransformer
+from dinocell.models.vision_transformer import ARCHS, DinoVisionTransformer, build_vit
 
 # File names inside a run's directories (written by dinocell.train.checkpoint, which imports them from here).
 CHECKPOINT_FILE = "checkpoint.pth"
 TEACHER_FILE = "teacher_checkpoint.pth"
 CHECKPOINT_FILES = (CHECKPOINT_FILE, TEACHER_FILE, "model.safetensors", "model.safetensors.index.json")
+# Keys of the official ViT layout (after the Hugging Face renaming) and of torchvision's ResNets; a file with none of
+# them is another model.
+BACKBONE_KEY = re.compile(
+    r"^(cls_token|storage_tokens|mask_token|norm\.|patch_embed\.|rope_embed\.|blocks\.\d+\.|conv1\.|layer\d\.)"
+)
 # Buffers that are not learned: computed from the architecture (Hugging Face files do not store them), and the
 # BatchNorm step counters (older torchvision files predate them). Missing ones keep the backbone's own values.
 UNLEARNED_BUFFERS = re.compile(r"^(rope_embed\.periods|blocks\.\d+\.attn\.qkv\.bias_mask|.*\.num_batches_tracked)$")
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be loaded into the backbone (unreadable, another model, another architecture, not
+    downloadable); the message is one line saying why and what to change."""
 
 
 @dataclass
@@ -52,15 +62,28 @@ class LoadReport:
         )
 
 
+def _why_unreadable(error: Exception) -> str:
+    """A short reason from a loader error, without torch's advice on weights_only (which does not apply here)."""
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError):
+        if m := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+            return f"it stores a Python object ({m.group(1)}), and weights are read as plain tensors only"
+        return "its bytes are not a PyTorch checkpoint"
+    if isinstance(error, EOFError) or not text:
+        return "the file is empty or ends early"
+    return text.split(". ")[0].splitlines()[0]
+
+
 def _read_file(path: Path) -> Mapping:
     try:
         if path.suffix == ".safetensors":
             return load_file(path, device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
-        raise ValueError(
-            f"{path} is not a readable checkpoint (truncated, corrupt, or not a PyTorch/safetensors weights file): {e}"
-        ) from e
+        raise WeightsError(
+            f"{path} is not a readable checkpoint ({_why_unreadable(e)}); expected a PyTorch state dict saved with "
+            "torch.save or a .safetensors file: it may be truncated, corrupt, or another kind of file"
+        ) from None
 
 
 def _read_sharded(index_path: Path) -> dict:
@@ -68,7 +91,7 @@ def _read_sharded(index_path: Path) -> dict:
     try:
         shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
     except (ValueError, KeyError, AttributeError) as e:
-        raise ValueError(f"{index_path} is not a safetensors index (expected a JSON 'weight_map'): {e}") from e
+        raise WeightsError(f"{index_path} is not a safetensors index (expected a JSON 'weight_map'): {e}") from e
     merged: dict = {}
     for shard in shards:
         merged |= _read_file(index_path.parent / shard)
@@ -84,7 +107,7 @@ def _read(source: str | Path | Mapping) -> tuple[Mapping, str]:
         try:
             return torch.hub.load_state_dict_from_url(text, map_location="cpu", weights_only=True), text
         except OSError as e:  # urllib's URLError/HTTPError: no network, refused, gated file
-            raise RuntimeError(
+            raise WeightsError(
                 f"could not download {text} ({type(e).__name__}: {e}); download it where a network is available and "
                 f"pass the local file path instead (e.g. student.pretrained_weights=/path/to/file.pth)"
             ) from e
@@ -155,15 +178,25 @@ def backbone_state_dict(obj: object, name: str = "<state dict>") -> tuple[dict, 
     """The backbone's official-layout state dict inside any supported container, and the layout's name. Whatever
     the container (file, directory, URL, training checkpoint, eval dump), the result must be a dict of tensors."""
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{name} holds a {type(obj).__name__}, expected a dict of tensors (a state dict)")
-    sd, layout = _find_backbone(obj)
+        raise WeightsError(f"{name} holds a {type(obj).__name__}, expected a dict of tensors (a state dict)")
+    sd, layout = _find_backbone(obj, name)
+    if not any(BACKBONE_KEY.match(k) for k in sd):
+        # a file of another model, or a state dict one level down: say what was expected and what the file holds
+        sample = ", ".join(repr(k) for k in list(obj)[:4]) + (", ..." if len(obj) > 4 else "")
+        raise WeightsError(
+            f"{name} holds no backbone weights: none of its {len(obj)} entries ({sample}) is a backbone key such "
+            "as 'cls_token', 'blocks.0.attn.qkv.weight' or 'conv1.weight'. Expected an official DINOv3 backbone file, "
+            "a Hugging Face DINOv3 model, a torchvision ResNet file, or a dinocell checkpoint (ckpt/<iteration>/ or "
+            "eval/<iteration>/teacher_checkpoint.pth): point student.pretrained_weights (--checkpoint for dinocell "
+            "knn) at one of these"
+        )
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"{name}: expected a state dict of tensors, but these entries are not tensors: {bad[:5]}")
+        raise WeightsError(f"{name}: expected a state dict of tensors, but these entries are not tensors: {bad[:5]}")
     return sd, layout
 
 
-def _find_backbone(obj: Mapping) -> tuple[dict, str]:
+def _find_backbone(obj: Mapping, name: str) -> tuple[dict, str]:
     """Pick the backbone entries by container layout: training checkpoint, eval dump, Hugging Face, official."""
     if isinstance(obj.get("model"), Mapping):
         for prefix in ("teacher.backbone.", "student.backbone."):
@@ -171,12 +204,12 @@ def _find_backbone(obj: Mapping) -> tuple[dict, str]:
                 return sd, f"training checkpoint ({prefix[:-1]})"
         if sd := _strip_prefix(obj["model"], "backbone."):
             return sd, "fine-tuning checkpoint (backbone)"
-        raise ValueError("training checkpoint has no 'teacher.backbone.*' or 'student.backbone.*' keys in 'model' "
-                         "(a fine-tuning checkpoint of a frozen backbone holds only its head)")
+        raise WeightsError(f"{name} is a training checkpoint without 'teacher.backbone.*' or 'student.backbone.*' keys "
+                           "in 'model' (a fine-tuning checkpoint of a frozen backbone holds only its head)")
     if isinstance(obj.get("teacher"), Mapping):
         if sd := _strip_prefix(obj["teacher"], "backbone."):
             return sd, "eval dump (teacher.backbone)"
-        raise ValueError("eval dump has no 'backbone.*' keys under 'teacher'")
+        raise WeightsError(f"{name} is an eval dump without 'backbone.*' keys under 'teacher'")
     if any(k.startswith("embeddings.") for k in obj):
         return hf_to_official(obj), "hugging face DINOv3ViTModel"
     if "conv1.weight" in obj:
@@ -221,28 +254,69 @@ def _n_blocks(state_dict: Mapping) -> int:
     return len({int(m.group(1)) for k in state_dict if (m := re.match(r"^blocks\.(\d+)\.", k))})
 
 
-def _check_and_adapt(backbone: DinoVisionTransformer, sd: dict, adapted: list[str]) -> None:
-    """Raise on mismatches that cannot be adapted; adapt the patch embedding's channels and patch size in place."""
+def _setting(key: str, value: object) -> str:
+    """How a user sets a backbone option: the config key, and the flag of `dinocell knn` (which takes the same)."""
+    return f"student.{key}={value} (`--{key.replace('_', '-')} {value}` for dinocell knn)"
+
+
+ADAPTED = ("patch_embed.proj.weight", "storage_tokens")  # adapted below, or checked with their own message
+
+
+def _shape_difference(own: Mapping, sd: Mapping) -> str | None:
+    """The first shape difference between a backbone state dict and a checkpoint's (embed dim, depth, any tensor but
+    the adaptable ones), or None."""
+    dims = [d["patch_embed.proj.weight"].shape[0] for d in (sd, own) if "patch_embed.proj.weight" in d]
+    if len(dims) == 2 and dims[0] != dims[1]:
+        return f"embed dim {dims[0]} in the checkpoint, {dims[1]} in the backbone"
+    if (depth := _n_blocks(sd)) != _n_blocks(own):
+        return f"{depth} blocks in the checkpoint, {_n_blocks(own)} in the backbone"
+    for k in own:
+        if k in sd and k not in ADAPTED and sd[k].shape != own[k].shape:
+            return f"{k}: checkpoint {list(sd[k].shape)} vs backbone {list(own[k].shape)}"
+    return None
+
+
+def _fits(own: Mapping, sd: Mapping) -> bool:
+    """Same shapes and the same block keys (an MLP block and a SwiGLU block of one width have equal shapes)."""
+    in_blocks = [{k for k in d if k.startswith("blocks.") and not UNLEARNED_BUFFERS.match(k)} for d in (sd, own)]
+    return _shape_difference(own, sd) is None and in_blocks[0] == in_blocks[1]
+
+
+def _fitting_archs(sd: Mapping, n_storage_tokens: int) -> list[str]:
+    """Built-in archs whose backbone (built on the meta device: no memory) fits the checkpoint; only archs of the
+    checkpoint's width are built."""
+    width = sd["cls_token"].shape[-1] if "cls_token" in sd else None
+    candidates = [a for a, spec in ARCHS.items() if width in (None, spec["embed_dim"])]
+    built = {a: build_vit(a, n_storage_tokens=n_storage_tokens, device="meta").state_dict() for a in candidates}
+    return [a for a, own in built.items() if _fits(own, sd)]
+
+
+def _arch_fix(sd: Mapping, n_storage_tokens: int) -> str:
+    """What to set so that the backbone fits the checkpoint: the built-in arch(s) that do, or that none does."""
+    archs = _fitting_archs(sd, n_storage_tokens)
+    if len(archs) == 1:
+        return f"set {_setting('arch', archs[0])}"
+    if archs:
+        return f"set student.arch to one of {archs} (`--arch` for dinocell knn)"
+    return f"no built-in arch has its shapes (archs: {', '.join(ARCHS)})"
+
+
+def _check_and_adapt(backbone: DinoVisionTransformer, sd: dict, name: str, adapted: list[str]) -> None:
+    """Raise on mismatches that cannot be adapted, naming the setting to change; adapt the patch embedding's channels
+    and patch size in place."""
     if "conv1.weight" in sd and "patch_embed.proj.weight" not in sd:
         arch = resnet_arch_of(sd)
-        raise ValueError(f"checkpoint holds ResNet weights ({arch}), but the backbone is a ViT; build the backbone "
-                         f"with the ResNet arch{f' {arch!r}' if arch in RESNET_ARCHS else ''}")
-    if "cls_token" in sd and sd["cls_token"].shape[-1] != backbone.embed_dim:
-        dim = sd["cls_token"].shape[-1]
-        matching = [a for a, spec in ARCHS.items() if spec["embed_dim"] == dim]
-        raise ValueError(
-            f"checkpoint embed dim {dim} does not match the backbone's embed_dim {backbone.embed_dim}; "
-            f"build the backbone with an arch of embed dim {dim}: {matching or 'none of ' + str(sorted(ARCHS))}"
-        )
+        raise WeightsError(f"{name} holds ResNet weights ({arch}), but the backbone is a ViT; set "
+                           f"{_setting('arch', arch) if arch in RESNET_ARCHS else 'student.arch to a ResNet'}")
     if "storage_tokens" in sd and sd["storage_tokens"].shape[1] != backbone.n_storage_tokens:
         n = sd["storage_tokens"].shape[1]
-        raise ValueError(
-            f"checkpoint has {n} storage tokens but the backbone has n_storage_tokens={backbone.n_storage_tokens}; "
-            f"build it with n_storage_tokens={n}"
+        raise WeightsError(
+            f"{name} has {n} storage tokens but the backbone has {backbone.n_storage_tokens}; set "
+            f"{_setting('n_storage_tokens', n)}"
         )
-    if (depth := _n_blocks(sd)) and depth != backbone.n_blocks:
-        raise ValueError(f"checkpoint has {depth} blocks but the backbone has {backbone.n_blocks} (depth); pick the "
-                         f"arch the checkpoint was trained with")
+    if difference := _shape_difference(backbone.state_dict(), sd):
+        fix = _arch_fix(sd, backbone.n_storage_tokens)
+        raise WeightsError(f"{name} holds a ViT of another architecture than the backbone ({difference}); {fix}")
     key = "patch_embed.proj.weight"
     if key not in sd:
         return
@@ -258,17 +332,17 @@ def _check_and_adapt(backbone: DinoVisionTransformer, sd: dict, adapted: list[st
     sd[key] = weight.contiguous()
 
 
-def _check_and_adapt_resnet(backbone: ResNetBackbone, sd: dict, adapted: list[str]) -> None:
+def _check_and_adapt_resnet(backbone: ResNetBackbone, sd: dict, name: str, adapted: list[str]) -> None:
     """Drop the ImageNet classifier, check the arch, adapt the first convolution's channels, all in place."""
     if "conv1.weight" not in sd:
         vit = "cls_token" in sd or "patch_embed.proj.weight" in sd
-        raise ValueError(
-            f"checkpoint has no ResNet stem (conv1.weight){': it holds ViT weights' if vit else ''}; the backbone is "
+        raise WeightsError(
+            f"{name} has no ResNet stem (conv1.weight){': it holds ViT weights' if vit else ''}; the backbone is "
             f"{backbone.arch}: load a torchvision ResNet file or a checkpoint of a ResNet student"
         )
     if (arch := resnet_arch_of(sd)) != backbone.arch:
-        hint = f"build the backbone with arch {arch!r}" if arch in RESNET_ARCHS else f"supported: {list(RESNET_ARCHS)}"
-        raise ValueError(f"checkpoint holds {arch} weights but the backbone is {backbone.arch}; {hint}")
+        hint = f"set {_setting('arch', arch)}" if arch in RESNET_ARCHS else f"supported: {', '.join(RESNET_ARCHS)}"
+        raise WeightsError(f"{name} holds {arch} weights but the backbone is {backbone.arch}; {hint}")
     if classifier := sorted(k for k in sd if k.startswith("fc.")):
         for key in classifier:
             del sd[key]
@@ -290,9 +364,9 @@ def load_pretrained(backbone: Backbone, source: str | Path | Mapping, *, strict:
     sd, layout = backbone_state_dict(obj, name)
     report = LoadReport(source=name, layout=layout)
     if isinstance(backbone, ResNetBackbone):
-        _check_and_adapt_resnet(backbone, sd, report.adapted)
+        _check_and_adapt_resnet(backbone, sd, name, report.adapted)
     else:
-        _check_and_adapt(backbone, sd, report.adapted)
+        _check_and_adapt(backbone, sd, name, report.adapted)
     own = backbone.state_dict()
     for key in own:
         if key not in sd and UNLEARNED_BUFFERS.match(key):
@@ -300,18 +374,19 @@ def load_pretrained(backbone: Backbone, source: str | Path | Mapping, *, strict:
             report.adapted.append(f"{key}: not learned, not in the checkpoint (the backbone's own value kept)")
     report.missing = sorted(set(own) - set(sd))
     report.unexpected = sorted(set(sd) - set(own))
-    wrong_shapes = [f"{k}: checkpoint {list(sd[k].shape)} vs backbone {list(own[k].shape)}"
-                    for k in own if k in sd and sd[k].shape != own[k].shape]
-    if wrong_shapes:
-        raise ValueError(f"{name}: tensors with shapes that do not fit the backbone: {wrong_shapes[:5]}")
     if strict and (report.missing or report.unexpected):
         hint = ""
         if report.missing:
             close = difflib.get_close_matches(report.missing[0], report.unexpected, n=1)
             hint = f" (checkpoint key closest to {report.missing[0]!r}: {close[0]!r})" if close else ""
-        raise ValueError(
-            f"{name} ({layout}) does not match the backbone: missing {report.missing[:10]}, unexpected "
-            f"{report.unexpected[:10]}{hint}; pass strict=False to load the matching part"
+        if any(k.startswith("blocks.") for k in report.unexpected):  # e.g. SwiGLU blocks for an MLP backbone
+            fix = _arch_fix(sd, backbone.n_storage_tokens)
+        else:  # the architecture is right, the file is incomplete or has extra entries
+            fix = ("expected a complete backbone of this architecture (a file edited or saved from a modified model "
+                   "loads only through load_pretrained(..., strict=False))")
+        raise WeightsError(
+            f"{name} ({layout} layout) does not match the backbone key for key: missing {report.missing[:10]}, "
+            f"unexpected {report.unexpected[:10]}{hint}; {fix}"
         )
     backbone.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     return report

@@ -377,7 +377,8 @@ class JUMPS3MultiView(_JUMPFields):
         transform=None,
     ) -> None:
         """bucket/prefix: where `<source>/workspace/load_data_csv/<batch>/<plate>/load_data*` live. concurrency:
-        requests in flight per process. disk_cache: folder keeping every fetched file (no eviction)."""
+        requests in flight per process. disk_cache: folder keeping every fetched file (no eviction). retries: how often
+        each request (listing, index, image) is repeated on throttling, 5xx, timeouts and dropped connections."""
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.sources, self.batches, self.plates = sources, batches, plates
         self.endpoint_url, self.anonymous, self.retries = endpoint_url, anonymous, retries
@@ -398,12 +399,14 @@ class JUMPS3MultiView(_JUMPFields):
 
     def _index_files(self) -> list[tuple[str, dict[str, str]]]:
         base = f"{self.prefix}/" if self.prefix else ""
-        sources = self.sources or list_folders(self._client(), self.bucket, base)
+        client, bucket, retries = self._client(), self.bucket, self.retries
+        sources = self.sources or list_folders(client, bucket, base, retries=retries)
         keys = []
         for source in sources:
             folder = f"{base}{source}/workspace/load_data_csv/"
             for sub in [f"{b}/" for b in self.batches] if self.batches else [""]:
-                keys += [k for k in list_keys(self._client(), self.bucket, folder + sub) if _keep(k, None, self.plates)]
+                listed = list_keys(client, bucket, folder + sub, retries=retries)
+                keys += [k for k in listed if _keep(k, None, self.plates)]
         return [(f"s3://{self.bucket}/{k}", _bucket_defaults(k)) for k in pick_index_files(keys)]
 
     def _read(self, location: str) -> bytes:
