@@ -29,12 +29,14 @@ TRANSIENT_ERRORS = (
 )  # fmt: skip
 
 
-def make_client(endpoint_url: str | None, anonymous: bool, max_connections: int, timeout_s: float = 30.0):
-    """A boto3 S3 client; anonymous = unsigned requests (public buckets such as cellpainting-gallery)."""
+def make_client(endpoint_url: str | None, anonymous: bool, max_connections: int, timeout_s: float = 30.0,
+                attempts: int = 1):
+    """A boto3 S3 client; anonymous = unsigned requests (public buckets such as cellpainting-gallery).
+    `attempts` > 1 lets botocore retry (for callers that stream through another library rather than get_bytes)."""
     config = Config(
         signature_version=UNSIGNED if anonymous else None,
         max_pool_connections=max_connections,
-        retries={"total_max_attempts": 1},  # retried by get_bytes with back-off
+        retries={"total_max_attempts": attempts, "mode": "standard"},  # 1: retried by get_bytes with back-off
         connect_timeout=timeout_s,
         read_timeout=timeout_s,
     )
