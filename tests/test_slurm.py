@@ -70,6 +70,7 @@ def test_resources_become_sbatch_parameters():
     ({"nodes": 0}, "nodes must be >= 1, got 0"),
     ({"gpus_per_node": -1}, "gpus_per_node must be >= 0, got -1"),
     ({"mem_gb": 0}, "mem_gb must be >= 1 when given, got 0"),
+    ({"time_min": 2}, "signal_delay_s=120 must be shorter than the time limit (120 s)"),
 ])  # fmt: skip
 def test_impossible_resources_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -111,13 +112,10 @@ def test_no_resume_applies_to_the_first_attempt_only(monkeypatch):
 
 
 def test_slurm_jobs_get_their_own_rendezvous_port(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
     env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "MASTER_ADDR": "n1", "SLURM_JOB_ID": "12345"}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(os, "environ", env)  # the function writes torchrun's variables: keep them out of this process
     distributed._torchrun_env_from_slurm()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_PORT"]) == ("1", "2", str(20000 + 345))
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_PORT"]) == ("1", "2", "1", str(20000 + 345))
 
 
 def test_sbatch_template_is_valid_bash_and_needs_its_arguments():

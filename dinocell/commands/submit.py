@@ -24,7 +24,7 @@ frozen into OUTPUT_DIR/slurm/ at submission. See docs/distributed.md.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dinocell.run.submit import SlurmResources
+    from dinocell.run.submit import MAX_TIMEOUTS, SlurmResources
 
     defaults = SlurmResources()
     parser = argparse.ArgumentParser(
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--comment", help="free text shown by squeue/sacct (sbatch --comment)")
     slurm.add_argument("--signal-delay-s", type=int, default=defaults.signal_delay_s,
                        help="seconds before the time limit at which the job requeues itself (default %(default)s)")
-    slurm.add_argument("--max-timeouts", type=int, default=20,
+    slurm.add_argument("--max-timeouts", type=int, default=MAX_TIMEOUTS,
                        help="requeues after reaching the time limit before giving up (default %(default)s; "
                        "preemptions do not count)")
     parser.add_argument("--dry-run", action="store_true", help="print the batch script and submit nothing")

@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from dinocell.config import load_config, save_config
 
 SLURM_FOLDER = "slurm"  # under the run directory: batch scripts, task logs, submitit's pickles, frozen configs
+MAX_TIMEOUTS = 20  # time-limit requeues before a job is left to end (a 24 h limit: 3 weeks of training)
 
 
 def run_training(argv: list[str]) -> int:
@@ -65,6 +66,9 @@ class SlurmResources:
                 raise ValueError(f"{name} must be >= 1 when given, got {getattr(self, name)}")
         if self.gpus_per_node < 0:
             raise ValueError(f"gpus_per_node must be >= 0, got {self.gpus_per_node}")
+        if self.signal_delay_s >= self.time_min * 60:
+            raise ValueError(f"signal_delay_s={self.signal_delay_s} must be shorter than the time limit "
+                             f"({self.time_min * 60} s): the requeue signal would come before training starts")
         if self.gpus_per_node and self.tasks_per_node not in (None, self.gpus_per_node):
             raise ValueError(
                 f"tasks_per_node={self.tasks_per_node} with gpus_per_node={self.gpus_per_node}: training runs one task "
@@ -165,7 +169,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
 
 
 def submit(cfg: DictConfig, parameters: dict[str, Any], *, fresh_start: bool = False,
-           max_timeouts: int = 20) -> submitit.Job:
+           max_timeouts: int = MAX_TIMEOUTS) -> submitit.Job:
     """Freeze `cfg` into the run directory and submit its training as one Slurm job; returns submitit's Job.
 
     `max_timeouts`: how many times a job that reaches its time limit is requeued (preemptions do not count).
