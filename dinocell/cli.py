@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mean-std": ("dinocell.commands.mean_std", "per-channel dataset mean/std JSON (scDINO normalisation step)"),
     "viz": ("dinocell.commands.viz", "attention, PCA and embedding maps of a model; crop montages"),
     "plot-metrics": ("dinocell.commands.plot_metrics", "training curves of a run directory"),
+    "submit": ("dinocell.commands.submit", "queue a training run on Slurm (submitit), requeued and resumed"),
+    "k8s": ("dinocell.commands.k8s", "Kubernetes manifests (PyTorchJob or indexed Job + Service) for a training run"),
     "eval": ("dinocell.commands.eval", "evaluation: features, knn, linear, finetune, channel-consistency, profile-map"),
     "knn": ("dinocell.commands.eval_knn", "k-NN classification of a checkpoint's features (= dinocell eval knn)"),
 }

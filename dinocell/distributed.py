@@ -2,8 +2,9 @@
 
 A run is distributed when torchrun's environment is present (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), or
 when started by Slurm's `srun` with several tasks (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master is the first
-node of the job unless MASTER_ADDR is set); otherwise it is one process and every helper here degrades to a no-op, so
-the same code path runs everywhere. Backend: nccl on CUDA, gloo on CPU.
+node of the job unless MASTER_ADDR is set, on port MASTER_PORT or one derived from the job id); otherwise it is one
+process and every helper here degrades to a no-op, so the same code path runs everywhere. Backend: nccl on CUDA, gloo
+on CPU.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+# Slurm jobs that share a node must not share a rendezvous port: each job's port is derived from its id, in a range
+# below Linux's ephemeral ports (32768-60999), which the kernel hands out to outgoing connections.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 12000
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,8 @@ def _torchrun_env_from_slurm() -> None:
         command = ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]]
         hosts = subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()
         os.environ["MASTER_ADDR"] = hosts[0]
-    os.environ.setdefault("MASTER_PORT", "29500")
+    job_port = SLURM_PORT_BASE + int(os.environ.get("SLURM_JOB_ID", "0")) % SLURM_PORT_SPAN
+    os.environ.setdefault("MASTER_PORT", str(job_port))
 
 
 def init_distributed() -> DistInfo:

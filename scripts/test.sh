@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 source scripts/setup_env.sh dev
 ruff check .
 # Two workers fit the 2-core CI machine; each test process keeps torch to one thread.
-exec python -m pytest -n "${DINOCELL_TEST_WORKERS:-2}" "$@"
+# --dist loadgroup: tests marked xdist_group("slurm") share one worker, hence one Slurm cluster and one reference run.
+exec python -m pytest -n "${DINOCELL_TEST_WORKERS:-2}" --dist loadgroup "$@"

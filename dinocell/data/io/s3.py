@@ -74,12 +74,15 @@ def _retrying(request: Callable[[], T], retries: int, base_delay_s: float) -> T:
     raise _GaveUp(last, retries + 1) from last
 
 
-def make_client(endpoint_url: str | None, anonymous: bool, max_connections: int, timeout_s: float = 30.0):
-    """A boto3 S3 client; anonymous = unsigned requests (public buckets such as cellpainting-gallery)."""
+def make_client(endpoint_url: str | None, anonymous: bool, max_connections: int, timeout_s: float = 30.0,
+                attempts: int = 1):
+    """A boto3 S3 client; anonymous = unsigned requests (public buckets such as cellpainting-gallery).
+    `attempts` > 1 lets botocore retry, for callers that stream through another library (smart-open); the datasets'
+    own requests keep 1 and are retried by _retrying."""
     config = Config(
         signature_version=UNSIGNED if anonymous else None,
         max_pool_connections=max_connections,
-        retries={"total_max_attempts": 1},  # every request is retried by _retrying instead
+        retries={"total_max_attempts": attempts, "mode": "standard"},
         connect_timeout=timeout_s,
         read_timeout=timeout_s,
     )

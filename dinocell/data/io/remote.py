@@ -1,0 +1,73 @@
+"""Inputs that may live elsewhere: a local path, an `s3://bucket/key` or an `http(s)://` URL, opened for reading
+through smart-open, so that cluster jobs and pods need no shared filesystem for recipes, weights or tables.
+
+S3 signing follows what the machine has: with AWS credentials (environment, ~/.aws, instance role) requests are
+signed; without, they are unsigned (anonymous), which is how public buckets such as cellpainting-gallery are read.
+`anonymous=True/False` forces either. The endpoint is AWS's unless `endpoint_url` or boto3's own AWS_ENDPOINT_URL_S3 /
+AWS_ENDPOINT_URL environment variables name another (MinIO, Ceph, a local test server). S3 clients are the dataset
+readers' (dinocell.data.io.s3.make_client) with botocore's standard retries switched on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import IO
+
+REMOTE_PREFIXES = ("s3://", "http://", "https://")
+MISSING = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
+REFUSED = {"AccessDenied", "403", "Forbidden", "401", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+
+
+def is_remote(location: str | Path) -> bool:
+    return str(location).startswith(REMOTE_PREFIXES)
+
+
+def _has_aws_credentials() -> bool:
+    import boto3
+
+    return boto3.session.Session().get_credentials() is not None
+
+
+def open_input(location: str | Path, mode: str = "rb", *, endpoint_url: str | None = None,
+               anonymous: bool | None = None) -> IO:
+    """Open a local path or a remote URL for reading ("rb" or "r"); the file object is seekable (torch.load needs it).
+
+    Raises FileNotFoundError for a missing object or bucket (HTTP 404) and PermissionError for a refused one (401/403),
+    both naming the URL and, for refusals, what to change."""
+    if mode not in ("rb", "r"):
+        raise ValueError(f"open_input reads only: mode '{mode}' is not 'rb' or 'r'")
+    if not is_remote(location):
+        return open(location, mode)
+    import smart_open
+
+    url = str(location)
+    transport: dict = {}
+    unsigned = False
+    if url.startswith("s3://"):
+        from dinocell.data.io.s3 import make_client
+
+        unsigned = not _has_aws_credentials() if anonymous is None else anonymous
+        transport["client"] = make_client(endpoint_url, unsigned, max_connections=4, attempts=5)
+    try:
+        return smart_open.open(url, mode, transport_params=transport)
+    except OSError as err:
+        code = _error_code(err)
+        if code in MISSING:
+            raise FileNotFoundError(f"{url}: no such object ({code})") from err
+        if code in REFUSED:
+            how = ("the request was unsigned: set AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                   "AWS_PROFILE) if the object is private" if unsigned
+                   else "check the credentials and the object's permissions")
+            raise PermissionError(f"{url}: access refused ({code}); {how}") from err
+        raise
+
+
+def _error_code(err: OSError) -> str:
+    """The S3 error code or HTTP status behind smart-open's error ('' when there is none)."""
+    cause = err.__cause__ or err
+    response = getattr(cause, "response", None)
+    if isinstance(response, dict):  # botocore ClientError
+        error = response.get("Error", {})
+        return str(error.get("Code") or response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+    status = getattr(response, "status_code", None)  # requests HTTPError
+    return str(status) if status is not None else ""

@@ -1,0 +1,1 @@
+"""Launchers: Slurm jobs through submitit (`submit`), Kubernetes manifests (`k8s`)."""
