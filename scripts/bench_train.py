@@ -10,8 +10,15 @@ per ViT forward on n tokens:
 Training FLOPs = 3 x (student forward) + teacher forward (global crops only). Norms, softmax and the optimiser are
 not counted (small). MFU = achieved FLOP/s / peak FLOP/s when --peak-tflops is given (e.g. 989 for H100 bf16 dense).
 
-Example (docs/benchmarks.md):
+Speed switches: --compile compiles the student's and the teacher's backbone blocks (torch.compile, one graph per
+block mode), --activation-checkpointing recomputes the student's blocks in backward (less memory). --profile N runs
+N more steps under torch.profiler and prints the top ops by self device time (CPU time on CPU) and the number of
+kernel launches per step.
+
+Examples (docs/benchmarks.md):
     .venv/bin/python scripts/bench_train.py --arch vit_small --patch-sizes 16 8 --batch-size 2 --iters 3
+    python scripts/bench_train.py --config-file configs/train/dinov3_vits8_jump_s3_multiview.yaml --patch-sizes 8 \
+        --batch-size 64 --iters 10 --warmup 3 --compile --peak-tflops 989 --profile 2 student.pretrained_weights=null
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import argparse
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from dinocell.config import load_config
 from dinocell.pipeline.batch import SSLBatch
@@ -78,6 +86,10 @@ def bench(args: argparse.Namespace, patch_size: int) -> dict[str, float]:
                                          *args.overrides])
     torch.manual_seed(0)
     model = SSLMetaArch(cfg).to(device).train()
+    model.student.backbone.activation_checkpointing = args.activation_checkpointing
+    if args.compile:
+        model.student.backbone.compile_blocks()
+        model.teacher.backbone.compile_blocks()
     optimizer = build_optimizer(param_groups(model.student, n_blocks=model.student.backbone.n_blocks,
                                              layerwise_decay=0.9, patch_embed_lr_mult=0.2), cfg.optim)
     train_step = TrainStep(model, optimizer, device=device, clip_grad=3.0, autocast_dtype="bf16")
@@ -105,7 +117,26 @@ def bench(args: argparse.Namespace, patch_size: int) -> dict[str, float]:
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if args.peak_tflops:
         result["mfu"] = result["achieved_tflops"] / args.peak_tflops
+    if args.profile:
+        result.update(profile_steps(step, args.profile, device))
     return result
+
+
+def profile_steps(step, n_steps: int, device: torch.device, row_limit: int = 25) -> dict[str, float]:
+    """Print the top ops of `n_steps` steps by self device time (self CPU time on CPU); return the device kernels
+    (memory copies included) per step, or on CPU the aten op calls per step (nested calls counted)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(n_steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=row_limit), flush=True)
+    if device.type == "cuda":
+        kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        return {"kernels_per_iter": kernels / n_steps}
+    return {"aten_ops_per_iter": sum(1 for e in prof.events() if e.name.startswith("aten::")) / n_steps}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,13 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak TFLOP/s, to report MFU")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone blocks (student+teacher)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute the student's blocks in backward instead of storing activations")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, profile N steps and print the top ops (0 = no profile)")
     parser.add_argument("--config-file", default=None, help="recipe for heads/crops (default: the default config, "
                         "2 x 224 + 8 x 96 crops, 65536-prototype heads)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# {args.arch}, batch {args.batch_size}, device {args.device}, torch threads {torch.get_num_threads()}")
+    print(f"# {args.arch}, batch {args.batch_size}, device {args.device}, torch {torch.__version__}, threads "
+          f"{torch.get_num_threads()}, compile {args.compile}, "
+          f"activation checkpointing {args.activation_checkpointing}")
     for patch_size in args.patch_sizes:
         result = bench(args, patch_size)
         print(f"patch {patch_size}: " + "  ".join(f"{k} {v:.4g}" for k, v in result.items()), flush=True)

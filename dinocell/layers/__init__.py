@@ -1,12 +1,12 @@
 """Building blocks of the DINOv3 vision transformer (dino_head.py holds the projection heads)."""
 
-from dinocell.layers.attention import LinearKMaskedBias, SelfAttention
+from dinocell.layers.attention import LinearKMaskedBias, SelfAttention, TokenGroup
 from dinocell.layers.block import FFN_LAYERS, SelfAttentionBlock
 from dinocell.layers.drop_path import DropPath
 from dinocell.layers.ffn import Mlp, SwiGLUFFN, swiglu_hidden_dim
 from dinocell.layers.layer_scale import LayerScale
 from dinocell.layers.patch_embed import PatchEmbed
-from dinocell.layers.rope import RopePositionEmbedding, apply_rope
+from dinocell.layers.rope import Rope, RopePositionEmbedding, apply_rope, rotate
 
 __all__ = [
     "FFN_LAYERS",
@@ -15,10 +15,13 @@ __all__ = [
     "LinearKMaskedBias",
     "Mlp",
     "PatchEmbed",
+    "Rope",
     "RopePositionEmbedding",
     "SelfAttention",
     "SelfAttentionBlock",
     "SwiGLUFFN",
+    "TokenGroup",
     "apply_rope",
+    "rotate",
     "swiglu_hidden_dim",
 ]

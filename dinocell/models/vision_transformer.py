@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from dinocell.layers import PatchEmbed, RopePositionEmbedding, SelfAttentionBlock
+from dinocell.layers import DropPath, PatchEmbed, Rope, RopePositionEmbedding, SelfAttentionBlock, TokenGroup
 from dinocell.layers.attention import LinearKMaskedBias
 from dinocell.layers.layer_scale import LayerScale
 
@@ -41,6 +42,10 @@ class DinoVisionTransformer(nn.Module):
     """DINOv3 ViT. Defaults are those of the released checkpoints (4 storage tokens, LayerScale 1e-5, masked k bias).
 
     Built on `device="meta"` it allocates nothing and skips `init_weights()`; call `to_empty()` then `init_weights()`.
+
+    Speed options (both off by default; the eager, uncheckpointed path is the tested reference):
+    `activation_checkpointing` recomputes each block in the backward pass instead of keeping its activations (less
+    memory, about one more forward of compute); `compile_blocks()` compiles each block with torch.compile.
     """
 
     def __init__(
@@ -67,6 +72,7 @@ class DinoVisionTransformer(nn.Module):
         pos_embed_rope_shift_coords: float | None = None,
         pos_embed_rope_jitter_coords: float | None = None,
         pos_embed_rope_rescale_coords: float | None = None,
+        activation_checkpointing: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -81,6 +87,7 @@ class DinoVisionTransformer(nn.Module):
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.n_storage_tokens = n_storage_tokens
+        self.activation_checkpointing = activation_checkpointing
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, device=device)
         self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim, device=device))
@@ -140,11 +147,19 @@ class DinoVisionTransformer(nn.Module):
                     nn.init.zeros_(module.bias)
                 if isinstance(module, LinearKMaskedBias):
                     module.reset_bias_mask()
-            elif isinstance(module, (nn.LayerNorm, LayerScale)):
+            elif isinstance(module, (nn.LayerNorm, LayerScale, DropPath)):
                 module.reset_parameters()
 
-    def _tokens(self, x: torch.Tensor, masks: torch.Tensor | None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """[cls, storage, patches] tokens of one crop batch (masked patches -> mask_token) and its RoPE (sin, cos)."""
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """Compile each block in place with torch.compile (Module.compile: parameter names and state dicts stay as
+        they are). One graph serves every block (the drop-path rate is a tensor, not a guarded float); fullgraph=True
+        by default, so a graph break is an error rather than a silent slowdown. kwargs go to torch.compile."""
+        for block in self.blocks:
+            block.compile(**{"fullgraph": True, **compile_kwargs})
+
+    def _tokens(self, x: torch.Tensor, masks: torch.Tensor | None) -> tuple[torch.Tensor, Rope]:
+        """[cls, storage, patches] tokens of one crop batch (masked patches -> mask_token) and its RoPE tables in
+        token form (identity on cls and storage tokens)."""
         h, w = self.patch_embed.grid_size(x)
         patches = self.patch_embed(x)
         cls_token = self.cls_token
@@ -153,13 +168,22 @@ class DinoVisionTransformer(nn.Module):
                 raise ValueError(
                     f"masks must be bool [B, N] = {list(patches.shape[:2])}, got {masks.dtype} {list(masks.shape)}"
                 )
-            patches = torch.where(masks.unsqueeze(-1), self.mask_token.to(patches.dtype).unsqueeze(0), patches)
+            patches = torch.where(masks.unsqueeze(-1), self.mask_token.unsqueeze(0), patches)
         else:
             # keeps mask_token in the autograd graph so DDP does not see an unused parameter
             cls_token = cls_token + 0 * self.mask_token
         b = patches.shape[0]
         tokens = torch.cat([cls_token.expand(b, -1, -1), self.storage_tokens.expand(b, -1, -1), patches], dim=1)
-        return tokens, self.rope_embed(h, w)
+        return tokens, self.rope_embed.token_rotation(h, w, 1 + self.n_storage_tokens)
+
+    def _blocks(self, x: torch.Tensor, groups: tuple[TokenGroup, ...]) -> torch.Tensor:
+        """All blocks over flat tokens [N, D], each recomputed in backward when activation checkpointing is on."""
+        for block in self.blocks:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, groups=groups, use_reentrant=False)
+            else:
+                x = block(x, groups=groups)
+        return x
 
     def _norm(self, x: torch.Tensor, local_crops: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised (cls + storage tokens, patch tokens)."""
@@ -172,9 +196,10 @@ class DinoVisionTransformer(nn.Module):
     def forward_features(
         self, x: torch.Tensor | list[torch.Tensor], masks: torch.Tensor | list[torch.Tensor | None] | None = None
     ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
-        """One crop batch -> dict; a list of crop batches (any resolutions) -> list of dicts, one pass through
-        the blocks for all of them. Dict keys: x_norm_clstoken [B, D], x_storage_tokens [B, R, D],
-        x_norm_patchtokens [B, N, D], x_prenorm [B, 1+R+N, D], masks."""
+        """One crop batch -> dict; a list of crop batches (any resolutions) -> list of dicts. The tokens of all
+        batches go through the blocks together: concatenated for the token-wise layers, attention per batch.
+        Dict keys: x_norm_clstoken [B, D], x_storage_tokens [B, R, D], x_norm_patchtokens [B, N, D],
+        x_prenorm [B, 1+R+N, D], masks."""
         if isinstance(x, torch.Tensor):
             return self.forward_features([x], [masks])[0]
         if masks is None:
@@ -182,11 +207,13 @@ class DinoVisionTransformer(nn.Module):
         if len(masks) != len(x):
             raise ValueError(f"got {len(x)} crop batches but {len(masks)} masks; pass one mask (or None) per batch")
         tokens, ropes = zip(*(self._tokens(xi, mi) for xi, mi in zip(x, masks)))
-        tokens = list(tokens)
-        for block in self.blocks:
-            tokens = [block(t, rope) for t, rope in zip(tokens, ropes)]
-        outputs = []
-        for i, (t, m) in enumerate(zip(tokens, masks)):
+        groups = tuple(TokenGroup(t.shape[0], t.shape[1], rope) for t, rope in zip(tokens, ropes))
+        flat = tokens[0].flatten(0, 1) if len(tokens) == 1 else torch.cat([t.flatten(0, 1) for t in tokens])
+        flat = self._blocks(flat, groups)
+        outputs, start = [], 0
+        for i, (g, m) in enumerate(zip(groups, masks)):
+            t = flat[start : start + g.batch * g.tokens].view(g.batch, g.tokens, -1)
+            start += g.batch * g.tokens
             prefix, patches = self._norm(t, local_crops=i == 1)
             outputs.append(
                 {
