@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--checkpoint",
         metavar="PATH",
-        help="weights to evaluate: eval dump teacher_checkpoint.pth, training checkpoint dir/file, official DINOv3 "
-        "backbone file or Hugging Face DINOv3 dir; omit to score a randomly initialised backbone (a baseline)",
+        help="weights to evaluate: eval dump (DINO teacher_checkpoint.pth, SimCLR student_checkpoint.pth) or its "
+        "directory, training checkpoint dir/file (e.g. ckpt/best), official DINOv3 backbone file, torchvision ResNet "
+        "file or Hugging Face DINOv3 dir; omit to score a randomly initialised backbone (a baseline)",
     )
     add("--config-file", metavar="YAML", help="YAML config (a run's config.yaml or a recipe); options below win")
     add("--arch", metavar="NAME", help="backbone architecture (student.arch), e.g. vit_small")

@@ -1,7 +1,8 @@
 """Load pretrained weights into a backbone (DINOv3 ViT or ResNet), whatever layout they come in, and adapt them.
 
 Accepted sources: an official DINOv3 backbone file (torch.hub layout), a torchvision ResNet file (its classifier
-`fc.*` is dropped), a training eval dump {"teacher": {"backbone.*": ...}}, this project's training checkpoints
+`fc.*` is dropped), a training eval dump ({"teacher": {"backbone.*": ...}} of DINO, {"student": {"backbone.*": ...}} of
+SimCLR), this project's training checkpoints
 (`ckpt/<iteration>/` or its checkpoint.pth, whose "model" entry holds "teacher.backbone.*" or "student.backbone.*"),
 Hugging Face DINOv3 weights (a transformers model directory or its state dict), an in-memory state dict, or a URL.
 Files are read with weights_only=True or safetensors: a checkpoint is untrusted input. Adaptations: channel count of
@@ -27,8 +28,12 @@ from dinocell.models.vision_transformer import ARCHS, DinoVisionTransformer
 
 # File names inside a run's directories (written by dinocell.train.checkpoint, which imports them from here).
 CHECKPOINT_FILE = "checkpoint.pth"
-TEACHER_FILE = "teacher_checkpoint.pth"
-CHECKPOINT_FILES = (CHECKPOINT_FILE, TEACHER_FILE, "model.safetensors", "model.safetensors.index.json")
+TEACHER_FILE = "teacher_checkpoint.pth"  # DINO's eval dump {"teacher": ...}
+STUDENT_FILE = "student_checkpoint.pth"  # SimCLR's eval dump {"student": ...}
+EVAL_DUMP_FILES = {"teacher": TEACHER_FILE, "student": STUDENT_FILE}  # eval dump role -> file name
+CHECKPOINT_FILES = (
+    CHECKPOINT_FILE, TEACHER_FILE, STUDENT_FILE, "model.safetensors", "model.safetensors.index.json"
+)
 # Buffers that are not learned: computed from the architecture (Hugging Face files do not store them), and the
 # BatchNorm step counters (older torchvision files predate them). Missing ones keep the backbone's own values.
 UNLEARNED_BUFFERS = re.compile(r"^(rope_embed\.periods|blocks\.\d+\.attn\.qkv\.bias_mask|.*\.num_batches_tracked)$")
@@ -169,10 +174,11 @@ def _find_backbone(obj: Mapping) -> tuple[dict, str]:
             if sd := _strip_prefix(obj["model"], prefix):
                 return sd, f"training checkpoint ({prefix[:-1]})"
         raise ValueError("training checkpoint has no 'teacher.backbone.*' or 'student.backbone.*' keys in 'model'")
-    if isinstance(obj.get("teacher"), Mapping):
-        if sd := _strip_prefix(obj["teacher"], "backbone."):
-            return sd, "eval dump (teacher.backbone)"
-        raise ValueError("eval dump has no 'backbone.*' keys under 'teacher'")
+    for role in EVAL_DUMP_FILES:
+        if isinstance(obj.get(role), Mapping):
+            if sd := _strip_prefix(obj[role], "backbone."):
+                return sd, f"eval dump ({role}.backbone)"
+            raise ValueError(f"eval dump has no 'backbone.*' keys under '{role}'")
     if any(k.startswith("embeddings.") for k in obj):
         return hf_to_official(obj), "hugging face DINOv3ViTModel"
     if "conv1.weight" in obj:
