@@ -2,6 +2,7 @@
 checkpoint and early stopping (with exact resume), SimCLR resume and SimCLR on 2 gloo processes."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -152,6 +153,32 @@ def test_best_checkpoint_and_early_stopping_on_a_scripted_curve_survive_a_crash(
     assert [{k: r[k] for k in losses} for r in resumed] == [{k: r[k] for k in losses} for r in records]
     assert _load(crashed / "ckpt" / "7" / "checkpoint.pth")["early_stopping"] == final
     assert _load(crashed / "ckpt" / "best" / "checkpoint.pth")["iteration"] == 4
+
+
+@pytest.mark.slow
+def test_dino_validation_leaves_training_untouched(tmp_path):
+    """DINO with drop path and RoPE augmentation (both draw from the global generator): a run that validates (val_loss
+    and k-NN every 2 iterations) trains exactly like one that does not; validation runs in eval mode, so two
+    validations of the same weights agree."""
+    knn = ["evaluation.knn_train_dataset=SyntheticCellPainting:split=train:size=8:image_size=64:seed=1",
+           "evaluation.knn_test_dataset=SyntheticCellPainting:split=test:size=8:image_size=64", "evaluation.knn_k=3"]
+    random_parts = ["student.drop_path_rate=0.2", "student.pos_embed_rope_rescale_coords=2.0"]
+    plain, validated = tmp_path / "plain", tmp_path / "validated"
+    train(load_config(overrides=[*DINO, *random_parts, f"train.output_dir={plain}"]))
+    validating = [*DINO, *random_parts, *knn, f"evaluation.val_dataset={VAL_SET}", "evaluation.val_period_iterations=2",
+                  "checkpointing.best_metric=knn_top1", f"train.output_dir={validated}"]
+    train(load_config(overrides=validating))
+    a, b = _metrics(plain), _metrics(validated)
+    for ra, rb in zip(a, b, strict=True):
+        for field in ("total_loss", "dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss", "koleo_loss"):
+            assert ra[field] == rb[field], (ra["iteration"], field)
+    scores = [r for r in b if "val_loss" in r]
+    assert [r["iteration"] for r in scores] == [1, 3, 5]
+    assert all(math.isfinite(r["val_loss"]) and 0 <= r["knn_top1"] <= 100 for r in scores)
+    assert json.loads((validated / "eval" / "knn.json").read_text())["final"] == scores[-1]["knn_top1"]
+    best = _load(validated / "ckpt" / "best" / "checkpoint.pth")
+    assert best["early_stopping"]["metric"] == "knn_top1"
+    assert best["early_stopping"]["best"] == max(r["knn_top1"] for r in scores)
 
 
 def _simclr_val_loss_by_hand(cfg, checkpoint: Path) -> float:
