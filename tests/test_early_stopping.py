@@ -23,6 +23,8 @@ def test_lower_loss_is_better_and_patience_counts_validations_without_improvemen
     es, new_best, stopped = _run([5.0, 4.0, 4.5, 3.0, 3.5, 3.2, 3.1, 2.0], patience=3, min_delta=0.0)
     assert new_best == [True, True, False, True, False, False, False]
     assert stopped == 70 and es.best == 3.0 and es.best_iteration == 40  # 3.5, 3.2, 3.1: three without improvement
+    assert es.summary() == "val_loss did not improve by more than 0 for 3 validations; best 3.0000 at iteration 40 " \
+        "(ckpt/best)"
 
 
 def test_higher_knn_is_better():
@@ -46,6 +48,9 @@ def test_patience_zero_never_stops_and_nan_is_never_best():
     assert stopped is None and new_best == [True, False, False, False, False, False] and es.bad_validations == 5
     es, new_best, _ = _run([math.nan, 2.0], patience=5, min_delta=0.0)
     assert new_best == [False, True] and es.best == 2.0
+    es, _, stopped = _run([math.nan, math.nan], patience=2, min_delta=0.0)
+    assert stopped == 20 and es.summary() == "val_loss did not improve by more than 0 for 2 validations; no finite " \
+        "value, so no best checkpoint"
 
 
 def test_state_round_trip_continues_exactly():

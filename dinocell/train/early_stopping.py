@@ -57,6 +57,13 @@ class EarlyStopping:
     def should_stop(self) -> bool:
         return self.patience > 0 and self.bad_validations >= self.patience
 
+    def summary(self) -> str:
+        """Why the run stops, and where the best model is."""
+        best = (f"best {self.best:.4f} at iteration {self.best_iteration} (ckpt/best)" if self.best is not None
+                else "no finite value, so no best checkpoint")
+        window = f"{self.bad_validations} validations"
+        return f"{self.metric} did not improve by more than {self.min_delta:g} for {window}; {best}"
+
     def state_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "best": self.best, "best_iteration": self.best_iteration,
                 "reference": self.reference, "bad_validations": self.bad_validations}

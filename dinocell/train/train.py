@@ -214,10 +214,7 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
         if checkpoint or new_best or dump:
             distributed.barrier()  # the files are complete before any rank goes on (or a run ends)
     if state.early_stopping.should_stop and is_main:
-        es = state.early_stopping
-        logger.info("early stopping at iteration %d: %s did not improve by more than %g for %d validations; best %.4f "
-                    "at iteration %d (ckpt/%s)", state.iteration, es.metric, es.min_delta, es.bad_validations, es.best,
-                    es.best_iteration, BEST)
+        logger.info("early stopping at iteration %d: %s", state.iteration, state.early_stopping.summary())
 
     if cfg.evaluation.knn_enabled and is_main:
         knn = json.loads(knn_path.read_text()) if knn_path.exists() else {"k": cfg.evaluation.knn_k}
