@@ -17,7 +17,8 @@ usage: ./launch_ssl.sh [CONFIG.yaml] [--output-dir DIR] [--no-resume] [key=value
 Without a config file, trains the demo ($DEMO_CONFIG: a small ViT on synthetic 5-channel Cell Painting
 data, a few minutes on CPU) and prints k-NN accuracy before and after training.
 
-  CONFIG.yaml        training recipe, e.g. configs/train/dinov3_vits8_jump_s3_multiview.yaml
+  CONFIG.yaml        training recipe, e.g. configs/train/dinov3_vits8_jump_s3_multiview.yaml, or
+                     configs/train/simclr_resnet18_demo.yaml (the SimCLR demo: a ResNet-18, same data, a few minutes)
   --output-dir DIR   where config.yaml, logs/, ckpt/, eval/ and training_metrics.json go (default: train.output_dir)
   --no-resume        start from scratch even if DIR/ckpt/ holds checkpoints
   key=value          config overrides, e.g. train.batch_size_per_gpu=32 'train.dataset_path=SyntheticCellPainting'

@@ -11,7 +11,7 @@ import sys
 
 # command -> (module with a `main(argv: list[str] | None) -> int | None`, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("dinocell.commands.train", "self-supervised training (DINO + iBOT + KoLeo) from a YAML config"),
+    "train": ("dinocell.commands.train", "self-supervised training (DINO + iBOT + KoLeo or SimCLR) from a YAML config"),
     "datasets": ("dinocell.commands.datasets", "list registered datasets and the keys their strings accept"),
     "mean-std": ("dinocell.commands.mean_std", "per-channel dataset mean/std JSON (scDINO normalisation step)"),
     "viz": ("dinocell.commands.viz", "attention, PCA and embedding maps of a model; crop montages"),

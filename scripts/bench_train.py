@@ -97,7 +97,7 @@ def bench(args: argparse.Namespace, patch_size: int) -> dict[str, float]:
     batch = random_batch(cfg, args.batch_size, device)
 
     def step() -> None:
-        train_step(batch, values)
+        train_step([batch], values)
 
     for _ in range(args.warmup):
         step()

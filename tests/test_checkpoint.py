@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic writes, pruning, fallback over damaged files, RNG round-trip, teacher dumps."""
+"""Checkpoint files: atomic writes, pruning, fallback over damaged files, RNG round-trip, eval dumps."""
 
 import random
 
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from dinocell.models.pretrained import TEACHER_FILE
 from dinocell.train import checkpoint as ckpt
 
 
@@ -42,7 +43,7 @@ def test_crash_while_writing_leaves_previous_checkpoint_loadable(tmp_path, monke
 
 def test_crash_while_replacing_a_directory_keeps_a_complete_copy(tmp_path, monkeypatch):
     """Overwriting eval/final (or an iteration saved again): the old copy is moved aside, never deleted first."""
-    ckpt.save_teacher_dump(tmp_path / "final", {"w": torch.zeros(2)})
+    ckpt.save_eval_dump(tmp_path / "final", {"teacher": {"w": torch.zeros(2)}})
     real_rename = ckpt.os.rename
 
     def dying_rename(src, dst):
@@ -52,13 +53,13 @@ def test_crash_while_replacing_a_directory_keeps_a_complete_copy(tmp_path, monke
 
     monkeypatch.setattr(ckpt.os, "rename", dying_rename)
     with pytest.raises(OSError, match="killed"):
-        ckpt.save_teacher_dump(tmp_path / "final", {"w": torch.ones(2)})
+        ckpt.save_eval_dump(tmp_path / "final", {"teacher": {"w": torch.ones(2)}})
     monkeypatch.undo()
-    old = torch.load(tmp_path / ".old-final" / ckpt.TEACHER_FILE, weights_only=True)
+    old = torch.load(tmp_path / ".old-final" / TEACHER_FILE, weights_only=True)
     assert torch.equal(old["teacher"]["w"], torch.zeros(2))  # the previous dump survives, complete
-    ckpt.save_teacher_dump(tmp_path / "final", {"w": torch.ones(2)})
+    ckpt.save_eval_dump(tmp_path / "final", {"teacher": {"w": torch.ones(2)}})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
-    assert torch.equal(torch.load(tmp_path / "final" / ckpt.TEACHER_FILE, weights_only=True)["teacher"]["w"],
+    assert torch.equal(torch.load(tmp_path / "final" / TEACHER_FILE, weights_only=True)["teacher"]["w"],
                        torch.ones(2))
 
 
@@ -90,12 +91,26 @@ def test_rng_state_round_trip_through_weights_only_load(tmp_path):
     assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
 
 
-def test_teacher_dump_format(tmp_path):
+def test_eval_dump_format(tmp_path):
     teacher = {"backbone.cls_token": torch.zeros(1, 1, 4), "dino_head.last_layer.weight": torch.ones(8, 4)}
-    path = ckpt.save_teacher_dump(tmp_path / "eval" / "final", teacher)
+    path = ckpt.save_eval_dump(tmp_path / "eval" / "final", {"teacher": teacher})
     assert path == tmp_path / "eval" / "final" / "teacher_checkpoint.pth"
     loaded = torch.load(path, weights_only=True)
     assert set(loaded) == {"teacher"}
     assert torch.equal(loaded["teacher"]["dino_head.last_layer.weight"], torch.ones(8, 4))
-    ckpt.save_teacher_dump(tmp_path / "eval" / "final", {"backbone.cls_token": torch.ones(1, 1, 4)})  # overwrite
+    ckpt.save_eval_dump(tmp_path / "eval" / "final", {"teacher": {"backbone.cls_token": torch.ones(1, 1, 4)}})
     assert torch.equal(torch.load(path, weights_only=True)["teacher"]["backbone.cls_token"], torch.ones(1, 1, 4))
+    student = {"backbone.conv1.weight": torch.ones(2, 1, 1, 1), "projection_head.mlp.0.weight": torch.ones(3, 2)}
+    path = ckpt.save_eval_dump(tmp_path / "eval" / "final", {"student": student})  # SimCLR's, next to DINO's
+    assert path == tmp_path / "eval" / "final" / "student_checkpoint.pth"
+    assert torch.equal(torch.load(path, weights_only=True)["student"]["projection_head.mlp.0.weight"], torch.ones(3, 2))
+
+
+def test_best_checkpoint_is_never_pruned_nor_resumed_from(tmp_path):
+    ckpt.save_checkpoint(tmp_path, ckpt.BEST, _state(5), max_to_keep=1)
+    for i in (10, 20):
+        ckpt.save_checkpoint(tmp_path, i, _state(i), max_to_keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["20", "best"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["20"]
+    assert ckpt.load_latest_checkpoint(tmp_path)[1]["iteration"] == 20
+    assert torch.load(tmp_path / "best" / ckpt.CHECKPOINT_FILE, weights_only=True)["iteration"] == 5

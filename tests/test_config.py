@@ -140,11 +140,36 @@ def test_base_errors(tmp_path):
         ("crops.channel_mean=[0.5,0.5]", r"channel_mean=\[0\.5, 0\.5\] .*must both be null or two lists"),
         ("student.pos_embed_rope_rescale_coords=0.5", "must be >= 1"),
         ("train.dataset_path=", r"dataset_path=None .*an empty value is null, write \"train\.dataset_path=''\""),
+        ("method=simclear", r"method='simclear' .*must be one of dino, simclr; closest 'simclr'"),
+        ("method=simclr", r"crops\.local_crops_number=8 .*must be 0 with method=simclr: SimCLR trains on the two"),
+        ("simclr.temperature=0", r"simclr\.temperature=0\.0 .*must be > 0"),
+        ("train.grad_accum_steps=0", r"train\.grad_accum_steps=0 .*must be > 0"),
+        ("crops.rgb_color_jitter=[0.8,0.8,0.8]", r"rgb_color_jitter=.*\[brightness, contrast, saturation, hue\]"),
+        ("crops.rgb_color_jitter=[0.8,0.8,0.8,0.6]", r"hue in \[0, 0\.5\].*SimCLR \[0\.8, 0\.8, 0\.8, 0\.2\]"),
+        ("checkpointing.best_metric=val_acc", r"best_metric='val_acc' .*must be one of val_loss, knn_top1"),
+        ("evaluation.val_dataset=SyntheticCellPainting", r"val_dataset='Synthetic.*is set but .*_period_iterations=0"),
+        ("evaluation.val_period_iterations=100", r"best_metric='val_loss'.*needs evaluation\.val_dataset"),
+        ("train.early_stopping_patience=3", r"early_stopping_patience=3 .*needs validation: set evaluation\.val_"),
+        ("train.early_stopping_min_delta=-0.1", r"early_stopping_min_delta=-0\.1 .*must be >= 0"),
     ],
 )
 def test_wrong_types_and_impossible_values_name_the_key(override, message):
+    overrides = [override]
+    if override == "method=simclr":
+        overrides = ["crops.local_crops_number=8", override]
     with pytest.raises(ConfigError, match=message):
-        load_config(overrides=[override])
+        load_config(overrides=overrides)
+
+
+def test_validation_needs_the_data_of_its_metric():
+    with pytest.raises(ConfigError, match=r"best_metric='knn_top1'.*needs evaluation\.knn_train_dataset and"):
+        load_config(overrides=["evaluation.val_period_iterations=10", "checkpointing.best_metric=knn_top1"])
+    cfg = load_config(overrides=["evaluation.val_period_iterations=10", "checkpointing.best_metric=knn_top1",
+                                 "evaluation.knn_train_dataset=A", "evaluation.knn_test_dataset=B",
+                                 "train.early_stopping_patience=2"])
+    assert cfg.evaluation.knn_enabled and cfg.train.early_stopping_patience == 2
+    cfg = load_config(overrides=["method=simclr", "crops.local_crops_number=0", "student.arch=resnet18"])
+    assert cfg.method == "simclr" and cfg.simclr.temperature == 0.1
 
 
 @pytest.mark.parametrize(
@@ -161,6 +186,12 @@ def test_names_owned_by_other_layers_are_checked_when_a_command_loads_the_config
     load_config(overrides=[override])  # the config alone does not know backbones or datasets
     with pytest.raises(ConfigError, match=message):
         load_checked_config(None, [override])
+
+
+def test_the_validation_dataset_string_is_checked_too():
+    overrides = ["evaluation.val_dataset=SyntheticCellPaintin", "evaluation.val_period_iterations=10"]
+    with pytest.raises(ConfigError, match=r"evaluation\.val_dataset=.*Did you mean 'SyntheticCellPainting'"):
+        load_checked_config(None, overrides)
 
 
 def test_local_crop_rules_apply_only_when_there_are_local_crops():

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 import dinocell.loss.koleo as koleo_module
-from dinocell.loss import dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp, softmax_center, update_center
+from dinocell.loss import dino_loss, ibot_loss, koleo_loss, logit_sum, sinkhorn_knopp, softmax_center, update_center
 
 LN2 = math.log(2.0)
 CE_34_1 = -math.log(0.75)  # student softmax [3/4, 1/4] vs teacher [1, 0]
@@ -104,17 +104,25 @@ def test_sinkhorn_is_fp32_for_half_input_and_rejects_bad_shapes():
 def test_softmax_center_and_update_by_hand():
     probs = softmax_center(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 1.0]]), temp=1.0)
     torch.testing.assert_close(probs, torch.tensor([[1 / (1 + math.e), math.e / (1 + math.e)]]))
-    center = update_center(torch.zeros(1, 2), torch.tensor([[1.0, 2.0], [3.0, 4.0]]), momentum=0.9)
+    total, count = logit_sum(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    torch.testing.assert_close(total, torch.tensor([[4.0, 6.0]]))
+    torch.testing.assert_close(count, torch.tensor(2.0))
+    center = update_center(torch.zeros(1, 2), total, count, momentum=0.9)
     torch.testing.assert_close(center, torch.tensor([[0.2, 0.3]]))  # 0.9 * 0 + 0.1 * mean [2, 3]
-    center = update_center(center, torch.tensor([[0.2, 0.3]]), momentum=0.5)
+    center = update_center(center, *logit_sum(torch.tensor([[0.2, 0.3]])), momentum=0.5)
     torch.testing.assert_close(center, torch.tensor([[0.2, 0.3]]))  # a fixed point stays put
+    # the statistics of two micro-batches add up to those of their union (gradient accumulation)
+    a, b = torch.randn(3, 2), torch.randn(5, 2)
+    (sa, ca), (sb, cb) = logit_sum(a), logit_sum(b)
+    union = update_center(center, *logit_sum(torch.cat([a, b])))
+    torch.testing.assert_close(update_center(center, sa + sb, ca + cb), union)
 
 
 def test_no_rows_keep_sinkhorn_and_center_defined():
     # a rank (or step) without masked patches: empty targets, the center stays as it was (no 0/0)
     assert sinkhorn_knopp(torch.zeros(0, 4), temp=0.1).shape == (0, 4)
     center = torch.tensor([[0.5, -0.5]])
-    torch.testing.assert_close(update_center(center, torch.zeros(0, 2)), center)
+    torch.testing.assert_close(update_center(center, *logit_sum(torch.zeros(0, 2))), center)
 
 
 # ---------------------------------------------------------------------------- DINO
@@ -266,7 +274,7 @@ def _distributed_worker(
     try:
         part = logits[:split] if rank == 0 else logits[split:]
         probs = sinkhorn_knopp(part, temp=0.2)
-        center = update_center(torch.zeros(1, logits.shape[1]), part, momentum=0.9)
+        center = update_center(torch.zeros(1, logits.shape[1]), *logit_sum(part), momentum=0.9)
         # distributed KoLeo as the trainer does it: neighbours over the autograd-gathered global batch
         b = feats.shape[0] // 2
         x = feats[rank * b : (rank + 1) * b].clone().requires_grad_(True)
@@ -286,7 +294,7 @@ def test_distributed_losses_equal_single_process(tmp_path):
     mp.spawn(_distributed_worker, args=(_free_port(), logits, split, feats, str(tmp_path)), nprocs=2, join=True)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     torch.testing.assert_close(torch.cat([p["probs"] for p in parts]), sinkhorn_knopp(logits, temp=0.2))
-    single_center = update_center(torch.zeros(1, 6), logits, momentum=0.9)
+    single_center = update_center(torch.zeros(1, 6), *logit_sum(logits), momentum=0.9)
     for p in parts:
         torch.testing.assert_close(p["center"], single_center)
     # KoLeo: the mean of the rank losses is the single-process loss, and rank gradients (summed back to the owner

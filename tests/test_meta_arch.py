@@ -66,10 +66,15 @@ def test_ema_update_exact():
             p.add_(torch.randn_like(p))
     s = [p.clone() for p in model.student.parameters()]
     t = [p.clone() for p in model.teacher.parameters()]
-    model.update_teacher(0.9, {"dino_center": torch.full_like(model.dino_center, 2.0)})
+    # the step's logit statistics: cls logits sum to 20 over 10 rows (mean 2), no masked patch at all
+    updates = {"dino_logit_sum": torch.full_like(model.dino_center, 20.0), "dino_logit_count": torch.tensor(10.0),
+               "ibot_logit_sum": torch.zeros_like(model.ibot_center), "ibot_logit_count": torch.tensor(0.0)}
+    model.after_step({"momentum": 0.9}, updates)
     for ps, pt, new in zip(s, t, model.teacher.parameters()):
         torch.testing.assert_close(new, 0.9 * pt + 0.1 * ps, rtol=0, atol=1e-6)
-    assert (model.dino_center == 2.0).all() and (model.ibot_center == 0.0).all()  # centers given are taken
+    torch.testing.assert_close(model.dino_center, torch.full_like(model.dino_center, 0.2))  # 0.9 * 0 + 0.1 * 2
+    assert (model.ibot_center == 0.0).all()  # no rows: the center stays
+    model.after_step({"momentum": 1.0}, {})  # Sinkhorn-Knopp runs have no center statistics
 
 
 def test_loss_combination_follows_dinov3_weights():
@@ -77,8 +82,8 @@ def test_loss_combination_follows_dinov3_weights():
     torch.manual_seed(0)
     model = SSLMetaArch(cfg).train()
     batch = _batch(cfg)
-    total, terms, centers = model(batch, teacher_temp=0.05)
-    assert centers == {}  # Sinkhorn-Knopp has no running state
+    total, terms, updates = model(batch, teacher_temp=0.05)
+    assert updates == {}  # Sinkhorn-Knopp has no running state
     # 2 global, 2 local crops: global pairs 2 (diagonal ignored), local pairs 4 -> scales 1/3 and 2/3
     expected = 0.7 * (terms["dino_global_crops_loss"] / 3 + 2 * terms["dino_local_crops_loss"] / 3)
     expected += 0.3 * 2 * terms["koleo_loss"] + 0.5 * terms["ibot_loss"]
@@ -118,27 +123,29 @@ def test_shared_head_and_ema_centering():
     assert model.student.ibot_head is model.student.dino_head
     assert model.teacher.ibot_head is model.teacher.dino_head
     batch = _batch(cfg)
-    _, _, centers = model(batch, teacher_temp=0.07)
+    _, _, updates = model(batch, teacher_temp=0.07)
     assert model.dino_center.abs().sum() == 0 and model.ibot_center.abs().sum() == 0  # forward changes no state
-    # the next centers move by (1 - 0.9) * the batch mean of the teacher logits
+    # after the step the centers move by (1 - 0.9) * the batch mean of the teacher logits
     with torch.no_grad():
         out = model.teacher.backbone.forward_features(batch.global_crops)
         cls_mean = model.teacher.dino_head(out["x_norm_clstoken"]).mean(0, keepdim=True)
         patches = out["x_norm_patchtokens"].flatten(0, 1)[batch.mask_indices]
         patch_mean = model.teacher.ibot_head(patches).mean(0, keepdim=True)
-    torch.testing.assert_close(centers["dino_center"], 0.1 * cls_mean)
-    torch.testing.assert_close(centers["ibot_center"], 0.1 * patch_mean)
+    assert updates["dino_logit_count"] == 6 and updates["ibot_logit_count"] == len(batch.mask_indices)
+    model.after_step({"momentum": 1.0}, updates)
+    torch.testing.assert_close(model.dino_center, 0.1 * cls_mean)
+    torch.testing.assert_close(model.ibot_center, 0.1 * patch_mean)
 
 
 def test_pretrained_weights_initialise_student_and_teacher_backbones(tmp_path):
-    from dinocell.train.checkpoint import save_teacher_dump
+    from dinocell.train.checkpoint import save_eval_dump
 
     torch.manual_seed(1)
     source = SSLMetaArch(_cfg())
     with torch.no_grad():
         for p in source.teacher.parameters():
             p.add_(1.0)
-    path = save_teacher_dump(tmp_path / "eval" / "final", source.teacher_state_dict())
+    path = save_eval_dump(tmp_path / "eval" / "final", source.eval_dump())
     torch.manual_seed(2)
     model = SSLMetaArch(_cfg(f"student.pretrained_weights={path}"))
     for name, value in source.teacher.backbone.state_dict().items():

@@ -90,4 +90,4 @@ def test_two_single_process_nodes_train_like_one_node_with_two_processes(tmp_pat
     for ra, rb in zip(a, b):
         for field in LOSSES:  # the same 2 ranks either way; ranks may be assigned in the other order at rendezvous
             assert rb[field] == pytest.approx(ra[field], rel=1e-6, abs=1e-6), (ra["iteration"], field)
-    assert "(2 process(es) x 2)" in (tmp_path / "two_nodes" / "logs" / "log.txt").read_text()
+    assert "(2 process(es) x 2 x 1 accumulation step(s))" in (tmp_path / "two_nodes" / "logs" / "log.txt").read_text()

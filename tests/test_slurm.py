@@ -157,7 +157,7 @@ def reference_run(slurm_cluster, tmp_path_factory):
 def test_sbatch_template_trains_with_two_tasks(reference_run):
     folder, out, job_id = reference_run
     assert "1 node(s) x 2 task(s)" in (folder / f"batch-{job_id}.out").read_text()
-    assert "(2 process(es) x 4)" in (out / "logs" / "log.txt").read_text()
+    assert "(2 process(es) x 4 x 1 accumulation step(s))" in (out / "logs" / "log.txt").read_text()
     assert all((out / "slurm" / f"{job_id}_{task}.{ext}").is_file() for task in (0, 1) for ext in ("out", "err"))
     records = _metrics(out)
     assert [r["iteration"] for r in records] == list(range(ITERATIONS))

@@ -60,7 +60,7 @@ def test_run_writes_every_output(tmp_path):
     assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["3", "6"]
     state = torch.load(out / "ckpt" / "6" / "checkpoint.pth", weights_only=True)
     assert state["iteration"] == 6 and state["data"] == {"global_batch_size": 4, "seed": 0}
-    assert set(state) == {"model", "optimizer", "iteration", "nonfinite_count", "data", "rng"}
+    assert set(state) == {"model", "optimizer", "iteration", "nonfinite_count", "early_stopping", "data", "rng"}
     assert any(k.startswith("teacher.backbone.") for k in state["model"]) and "dino_center" in state["model"]
 
     assert sorted(p.name for p in (out / "eval").iterdir()) == ["2", "4", "6", "final"]

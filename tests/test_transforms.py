@@ -200,6 +200,26 @@ def test_rgb_colour_aug_needs_three_channels():
         build_ssl_transform(make_cfg("crops.rgb_color_aug=true"))(sample(5), 0)
 
 
+def test_rgb_colour_jitter_strengths_come_from_the_config(monkeypatch):
+    """crops.rgb_color_jitter sets the ranges the factors are drawn from: 1 +- strength, hue shift +- hue."""
+    from dinocell.pipeline import transforms
+
+    drawn = []
+    monkeypatch.setattr(transforms, "rgb_color_jitter", lambda crop, *factors: drawn.append(factors) or crop)
+    for strengths in ([0.8, 0.8, 0.8, 0.2], [0.0, 0.0, 0.0, 0.0]):
+        drawn.clear()
+        cfg = make_cfg("student.in_chans=3", "crops.rgb_color_aug=true", f"crops.rgb_color_jitter={strengths}")
+        transform = build_ssl_transform(cfg)
+        for position in range(20):
+            transform(sample(3), position)
+        factors = torch.tensor(drawn)  # [n, 4]: brightness, contrast, saturation, hue shift
+        assert len(drawn) > 50
+        assert ((factors[:, :3] - 1).abs() <= torch.tensor(strengths[:3])).all()
+        assert (factors[:, 3].abs() <= strengths[3]).all()
+        if strengths[0] > 0:  # SimCLR's strengths reach beyond DINO's 0.4 / 0.4 / 0.2 / 0.1
+            assert (factors[:, :3] - 1).abs().max() > 0.6 and factors[:, 3].abs().max() > 0.1
+
+
 def test_eval_transform_is_deterministic_centre_crop_with_channel_rule():
     s = sample(5, 100, 150)
     out = build_eval_transform(make_cfg())(s)

@@ -12,6 +12,7 @@ from dinocell.eval import render
 from dinocell.eval.attention_maps import attention_figures, attention_mass_mask, cls_attention_maps, write_attention
 from dinocell.eval.montage import crop_montage
 from dinocell.eval.pca_maps import fit_pca, patch_tokens, pca_feature_maps, pca_figures, write_pca
+from dinocell.layers.attention import TokenGroup
 from dinocell.models import build_backbone
 from dinocell.pipeline.loaders import build_ssl_transform
 
@@ -69,10 +70,11 @@ def test_attention_rows_sum_to_one_and_match_the_blocks_own_attention(backbone, 
         for block in backbone.blocks[:-1]:
             tokens = block(tokens, rope)
         x = last.norm1(tokens)
-        q, k, v = last.attn._qkv(x, rope)
+        group = TokenGroup(x.shape[0], x.shape[1], rope)
+        q, k, v = last.attn._heads(last.attn.qkv(x.flatten(0, 1)), group)
         weights = torch.softmax(q[:, :, :1] @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)  # [B, H, 1, T]
         cls_out = last.attn.proj((weights @ v).transpose(1, 2).reshape(3, 1, -1))
-        torch.testing.assert_close(cls_out[:, 0], last.attn(x, rope)[:, 0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cls_out[:, 0], last.attn(x, [group])[:, 0], atol=1e-5, rtol=1e-4)
     prefix = 1 + backbone.n_storage_tokens
     patches = weights[:, :, 0, prefix:]
     torch.testing.assert_close(attention.patch_share, patches.sum(-1))

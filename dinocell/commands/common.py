@@ -20,9 +20,9 @@ def load_checked_config(config_file: str | pathlib.Path | None, overrides: Seque
         raise ConfigError(f"student.arch={cfg.student.arch!r}: {err}") from None
     ev = cfg.evaluation
     named = {"train.dataset_path": cfg.train.dataset_path, "evaluation.knn_train_dataset": ev.knn_train_dataset,
-             "evaluation.knn_test_dataset": ev.knn_test_dataset}
+             "evaluation.knn_test_dataset": ev.knn_test_dataset, "evaluation.val_dataset": ev.val_dataset}
     for key, dataset_str in named.items():
-        if dataset_str or key == "train.dataset_path":  # the k-NN sets may be "" (no k-NN)
+        if dataset_str or key == "train.dataset_path":  # the evaluation sets may be "" (none)
             try:
                 parse_dataset_string(dataset_str)
             except DatasetStringError as err:

@@ -32,8 +32,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (needed when an input is a dataset string)")
     add = group.add_argument
     add("--checkpoint", metavar="PATH",
-        help="weights: eval dump teacher_checkpoint.pth, training checkpoint dir/file, fine-tuning checkpoint, "
-        "official DINOv3 backbone file or Hugging Face DINOv3 dir; omit for a randomly initialised backbone (baseline)")
+        help="weights: eval dump (DINO teacher_checkpoint.pth, SimCLR student_checkpoint.pth) or its directory, "
+        "training checkpoint dir/file (e.g. ckpt/best), fine-tuning checkpoint, official DINOv3 backbone file, "
+        "torchvision ResNet file or Hugging Face DINOv3 dir; omit for a randomly initialised backbone (baseline)")
     add("--config-file", metavar="YAML", help="a run's config.yaml (or a recipe): architecture and eval view; "
         "the options below win")
     add("--arch", metavar="NAME", help="backbone architecture (student.arch), e.g. vit_small")

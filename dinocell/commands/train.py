@@ -18,10 +18,11 @@ logger = logging.getLogger("dinocell")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dinocell train",
-        description="Self-supervised DINO + iBOT + KoLeo training. Re-running the same command resumes from the "
-        "newest complete checkpoint in OUTPUT_DIR/ckpt/. One 'epoch' = train.OFFICIAL_EPOCH_LENGTH iterations.",
-        epilog="example: dinocell train --config-file configs/train/demo.yaml --output-dir output/demo "
-        "optim.epochs=10",
+        description="Self-supervised training: DINO + iBOT + KoLeo (method=dino, the default) or SimCLR "
+        "(method=simclr). Re-running the same command resumes from the newest complete checkpoint in "
+        "OUTPUT_DIR/ckpt/. One 'epoch' = train.OFFICIAL_EPOCH_LENGTH iterations.",
+        epilog="examples: dinocell train --config-file configs/train/demo.yaml --output-dir output/demo "
+        "optim.epochs=10;  dinocell train --config-file configs/train/simclr_resnet18_demo.yaml",
     )
     parser.add_argument("--config-file", default=None, help="YAML recipe merged over the default config")
     parser.add_argument("--output-dir", default=None, help="run directory (overrides train.output_dir)")

@@ -25,6 +25,8 @@ GLOBAL_CROP_GROUPS = ("global1", "global2")  # DINO's two global crops, each wit
 CROP_GROUPS = (*GLOBAL_CROP_GROUPS, "local")
 CHANNEL_VIEWS = ("all", "mean", "single")
 CENTERINGS = ("sinkhorn_knopp", "centering")
+METHODS = ("dino", "simclr")  # DINO + iBOT + KoLeo (student/teacher), or SimCLR (NT-Xent on two views)
+BEST_METRICS = {"val_loss": "min", "knn_top1": "max"}  # checkpointing.best_metric -> which direction is better
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # config name -> torch dtype name
 # lr scaling with the global batch: rule -> factor of optim.lr
 SCALING_RULES: dict[str, Callable[[int], float]] = {
@@ -173,22 +175,41 @@ class IBotConfig:
 
 
 @dataclass
+class SimCLRConfig:
+    """SimCLR (method: simclr): the projection head on the backbone feature and NT-Xent's temperature."""
+
+    temperature: float = 0.1
+    head_nlayers: int = 2
+    head_hidden_dim: int = 2048
+    head_out_dim: int = 128
+    head_batchnorm: bool = True
+    sync_batchnorm: bool = True
+
+    def problems(self) -> Problems:
+        yield from _positive(self, "temperature", "head_nlayers", "head_hidden_dim", "head_out_dim")
+
+
+@dataclass
 class TrainConfig:
     dataset_path: str = "SyntheticCellPainting"
     output_dir: str = "./output"
     batch_size_per_gpu: int = 64
+    grad_accum_steps: int = 1
     num_workers: int = 8
     seed: int = 0
     OFFICIAL_EPOCH_LENGTH: int = 1250
     centering: str = "sinkhorn_knopp"
     log_every: int = 10
     max_consecutive_nonfinite: int = 10
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
 
     def problems(self) -> Problems:
         yield from _positive(
-            self, "batch_size_per_gpu", "OFFICIAL_EPOCH_LENGTH", "log_every", "max_consecutive_nonfinite"
+            self, "batch_size_per_gpu", "grad_accum_steps", "OFFICIAL_EPOCH_LENGTH", "log_every",
+            "max_consecutive_nonfinite",
         )
-        yield from _non_negative(self, "num_workers", "seed")
+        yield from _non_negative(self, "num_workers", "seed", "early_stopping_patience", "early_stopping_min_delta")
         for message in _choice(self.centering, CENTERINGS):
             yield "centering", message
 
@@ -278,6 +299,7 @@ class CropsConfig:
     noise_probability: GroupProbabilities = field(default_factory=GroupProbabilities)
     noise_std: list[float] = field(default_factory=lambda: [0.0, 0.05])
     rgb_color_aug: bool = False
+    rgb_color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
     channel_mean: list[float] | None = None
     channel_std: list[float] | None = None
 
@@ -309,6 +331,10 @@ class CropsConfig:
                 "(one value per dataset channel)"
         if self.channel_std is not None and min(self.channel_std, default=1.0) <= 0:
             yield "channel_std", "every std must be > 0"
+        jitter = self.rgb_color_jitter
+        if len(jitter) != 4 or not all(0.0 <= v <= 1.0 for v in jitter[:3]) or not 0.0 <= jitter[3] <= 0.5:
+            yield "rgb_color_jitter", "must be [brightness, contrast, saturation, hue] strengths, the first three in " \
+                "[0, 1] and hue in [0, 0.5] (DINO [0.4, 0.4, 0.2, 0.1], SimCLR [0.8, 0.8, 0.8, 0.2])"
 
 
 @dataclass
@@ -318,19 +344,30 @@ class EvaluationConfig:
     knn_test_dataset: str = ""
     knn_k: int = 20
     knn_temperature: float = 0.07
+    val_dataset: str = ""
+    val_period_iterations: int = 0
+
+    @property
+    def knn_enabled(self) -> bool:
+        return bool(self.knn_train_dataset and self.knn_test_dataset)
 
     def problems(self) -> Problems:
-        yield from _non_negative(self, "eval_period_iterations")
+        yield from _non_negative(self, "eval_period_iterations", "val_period_iterations")
         yield from _positive(self, "knn_k", "knn_temperature")
+        if self.val_dataset and self.val_period_iterations == 0:
+            yield "val_dataset", "is set but evaluation.val_period_iterations=0: set how often to validate (e.g. 500)"
 
 
 @dataclass
 class CheckpointingConfig:
     period: int = 1250
     max_to_keep: int = 3
+    best_metric: str = "val_loss"
 
     def problems(self) -> Problems:
         yield from _positive(self, "period", "max_to_keep")
+        for message in _choice(self.best_metric, BEST_METRICS):
+            yield "best_metric", message
 
 
 @dataclass
@@ -356,10 +393,12 @@ class LoggingConfig:
 class SSLConfig:
     """The whole training configuration."""
 
+    method: str = "dino"
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
     ibot: IBotConfig = field(default_factory=IBotConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
@@ -370,8 +409,14 @@ class SSLConfig:
 
     def problems(self) -> Problems:
         """Every section's problems, then the rules that relate sections."""
+        for message in _choice(self.method, METHODS):
+            yield "method", message
         for section in fields(self):
-            yield from _prefixed(section.name, getattr(self, section.name).problems())
+            if is_dataclass(value := getattr(self, section.name)):
+                yield from _prefixed(section.name, value.problems())
+        if self.method == "simclr" and self.crops.local_crops_number > 0:
+            yield "crops.local_crops_number", "must be 0 with method=simclr: SimCLR trains on the two global crops " \
+                "(its two views, crop groups global1 and global2)"
         patch, crops = self.student.patch_size if self.student.is_vit else 0, self.crops
         if patch > 0 and crops.global_crops_size % patch:
             yield "crops.global_crops_size", f"is not a multiple of student.patch_size={patch}"
@@ -381,6 +426,19 @@ class SSLConfig:
                     f"({crops.global_crops_size} px)"
             if patch > 0 and crops.local_crops_size % patch:
                 yield "crops.local_crops_size", f"is not a multiple of student.patch_size={patch}"
+        yield from self._validation_problems()
+
+    def _validation_problems(self) -> Problems:
+        """Validation during training, the best checkpoint and early stopping need their data."""
+        ev, metric = self.evaluation, self.checkpointing.best_metric
+        if ev.val_period_iterations > 0 and metric == "val_loss" and not ev.val_dataset:
+            yield "checkpointing.best_metric", "val_loss needs evaluation.val_dataset (a held-out dataset string); " \
+                "or select by knn_top1 with evaluation.knn_train_dataset and knn_test_dataset"
+        if ev.val_period_iterations > 0 and metric == "knn_top1" and not ev.knn_enabled:
+            yield "checkpointing.best_metric", "knn_top1 needs evaluation.knn_train_dataset and knn_test_dataset"
+        if self.train.early_stopping_patience > 0 and ev.val_period_iterations == 0:
+            yield "train.early_stopping_patience", "needs validation: set evaluation.val_period_iterations > 0 " \
+                "(and evaluation.val_dataset, or the k-NN datasets with checkpointing.best_metric=knn_top1)"
 
 
 def section_types(schema: type = SSLConfig, prefix: str = "") -> dict[str, Any]:

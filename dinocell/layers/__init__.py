@@ -1,4 +1,4 @@
-"""Building blocks of the DINOv3 vision transformer (dino_head.py holds the projection heads)."""
+"""Building blocks of the DINOv3 vision transformer, and the heads (dino_head: DINO/iBOT, projection_head: SimCLR)."""
 
 from dinocell.layers.attention import LinearKMaskedBias, SelfAttention, TokenGroup
 from dinocell.layers.block import FFN_LAYERS, SelfAttentionBlock

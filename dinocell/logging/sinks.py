@@ -75,6 +75,20 @@ class JsonLinesSink:
         pass
 
 
+VALIDATION_FIELDS = ("val_loss", "knn_top1")
+
+
+def _terms(record: dict[str, Any]) -> str:
+    """The loss terms of a record ("dino_global_crops 4.9287  ibot 2.2294 ..."): its *_loss fields but the total (DINO
+    and SimCLR log different terms)."""
+    return "  ".join(f"{key[: -len('_loss')]} {value:.4f}" for key, value in record.items()
+                     if key.endswith("_loss") and key not in ("total_loss", *VALIDATION_FIELDS))
+
+
+def _validation(record: dict[str, Any]) -> str:
+    return "".join(f"  {key} {record[key]:.4f}" for key in VALIDATION_FIELDS if key in record)
+
+
 class ConsoleSink:
     """One log line per record. The ETA comes from the mean speed since the first logged record: the first window
     holds the start-up work, so it gives none ('-'), and one slow window does not swing it."""
@@ -94,13 +108,11 @@ class ConsoleSink:
         return str(datetime.timedelta(seconds=round(remaining)))
 
     def log_metrics(self, record: dict[str, Any]) -> None:
-        eta = self._eta(record["iteration"])
         logger.info(
-            "it %d/%d  ep %.2f  loss %.4f (dino g %.4f l %.4f  ibot %.4f  koleo %.4f)  lr %.2e  "
-            "%.3fs/it (data %.3fs)  %.1f img/s  eta %s",
-            record["iteration"], self.total_iterations, record["epoch"], record["total_loss"],
-            record["dino_global_crops_loss"], record["dino_local_crops_loss"], record["ibot_loss"],
-            record["koleo_loss"], record["lr"], record["iter_time"], record["data_time"], record["images_per_s"], eta,
+            "it %d/%d  ep %.2f  loss %.4f (%s)  lr %.2e  %.3fs/it (data %.3fs)  %.1f img/s  eta %s%s",
+            record["iteration"], self.total_iterations, record["epoch"], record["total_loss"], _terms(record),
+            record["lr"], record["iter_time"], record["data_time"], record["images_per_s"],
+            self._eta(record["iteration"]), _validation(record),
         )
 
     def log_images(self, images: dict[str, np.ndarray], step: int) -> None:

@@ -60,15 +60,20 @@ def softmax_center(teacher_logits: torch.Tensor, center: torch.Tensor, temp: flo
 
 
 @torch.no_grad()
-def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float = 0.9) -> torch.Tensor:
-    """New EMA center [1, K]: momentum * center + (1 - momentum) * mean of the logits [N, K] over the global batch.
-
-    The mean is taken over all rows of all ranks (sum and count are all-reduced), so it equals the single-process
-    mean of the whole global batch. Use order (as in DINOv2): targets of iteration i use the center before
-    iteration i's update.
-    """
+def logit_sum(teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum [1, K], row count []) of the logits [N, K] over the global batch (summed over ranks): the statistics an EMA
+    center needs. They add up, so the sums of several micro-batches are those of their union."""
     flat = teacher_logits.float().reshape(-1, teacher_logits.shape[-1])
     total = _all_reduce_sum(flat.sum(dim=0, keepdim=True))
     count = _all_reduce_sum(torch.tensor(float(flat.shape[0]), device=flat.device))
+    return total, count
+
+
+@torch.no_grad()
+def update_center(
+    center: torch.Tensor, total: torch.Tensor, count: torch.Tensor, momentum: float = 0.9
+) -> torch.Tensor:
+    """New EMA center [1, K]: momentum * center + (1 - momentum) * total / count, the batch mean of the logits from
+    `logit_sum`. Use order (as in DINOv2): targets of iteration i use the center before iteration i's update."""
     updated = center * momentum + (total / count.clamp(min=1)) * (1 - momentum)
     return torch.where(count > 0, updated, center)  # no rows anywhere (e.g. no masked patch): keep the center

@@ -1,7 +1,8 @@
 """Load pretrained weights into a backbone (DINOv3 ViT or ResNet), whatever layout they come in, and adapt them.
 
 Accepted sources: an official DINOv3 backbone file (torch.hub layout), a torchvision ResNet file (its classifier
-`fc.*` is dropped), a training eval dump {"teacher": {"backbone.*": ...}}, this project's training checkpoints
+`fc.*` is dropped), a training eval dump ({"teacher": {"backbone.*": ...}} of DINO, {"student": {"backbone.*": ...}} of
+SimCLR), this project's training checkpoints
 (`ckpt/<iteration>/` or its checkpoint.pth, whose "model" entry holds "teacher.backbone.*" or "student.backbone.*"),
 fine-tuning checkpoints (`dinocell eval finetune`'s checkpoints/best/, "model" holding "backbone.*" and "head.*"),
 Hugging Face DINOv3 weights (a transformers model directory or its state dict), an in-memory state dict, or a URL.
@@ -28,8 +29,12 @@ from dinocell.models.vision_transformer import ARCHS, DinoVisionTransformer, bui
 
 # File names inside a run's directories (written by dinocell.train.checkpoint, which imports them from here).
 CHECKPOINT_FILE = "checkpoint.pth"
-TEACHER_FILE = "teacher_checkpoint.pth"
-CHECKPOINT_FILES = (CHECKPOINT_FILE, TEACHER_FILE, "model.safetensors", "model.safetensors.index.json")
+TEACHER_FILE = "teacher_checkpoint.pth"  # DINO's eval dump {"teacher": ...}
+STUDENT_FILE = "student_checkpoint.pth"  # SimCLR's eval dump {"student": ...}
+EVAL_DUMP_FILES = {"teacher": TEACHER_FILE, "student": STUDENT_FILE}  # eval dump role -> file name
+CHECKPOINT_FILES = (
+    CHECKPOINT_FILE, TEACHER_FILE, STUDENT_FILE, "model.safetensors", "model.safetensors.index.json"
+)
 # Keys of the official ViT layout (after the Hugging Face renaming) and of torchvision's ResNets; a file with none of
 # them is another model.
 BACKBONE_KEY = re.compile(
@@ -206,10 +211,11 @@ def _find_backbone(obj: Mapping, name: str) -> tuple[dict, str]:
             return sd, "fine-tuning checkpoint (backbone)"
         raise WeightsError(f"{name} is a training checkpoint without 'teacher.backbone.*' or 'student.backbone.*' keys "
                            "in 'model' (a fine-tuning checkpoint of a frozen backbone holds only its head)")
-    if isinstance(obj.get("teacher"), Mapping):
-        if sd := _strip_prefix(obj["teacher"], "backbone."):
-            return sd, "eval dump (teacher.backbone)"
-        raise WeightsError(f"{name} is an eval dump without 'backbone.*' keys under 'teacher'")
+    for role in EVAL_DUMP_FILES:
+        if isinstance(obj.get(role), Mapping):
+            if sd := _strip_prefix(obj[role], "backbone."):
+                return sd, f"eval dump ({role}.backbone)"
+            raise WeightsError(f"{name} is an eval dump without 'backbone.*' keys under '{role}'")
     if any(k.startswith("embeddings.") for k in obj):
         return hf_to_official(obj), "hugging face DINOv3ViTModel"
     if "conv1.weight" in obj:

@@ -36,6 +36,7 @@ class ResNetBackbone(ResNet):
         super().__init__(block, list(layers))
         self.arch, self.in_chans = arch, in_chans
         self.embed_dim: int = self.fc.in_features
+        self.n_blocks = len(layers)  # stages layer1..4: the depth unit of layer-wise lr decay (the stem is layer 0)
         self.fc = nn.Identity()  # no classifier: the pooled feature is the output
         if in_chans != 3:
             self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from dinocell.config.schema import CropsConfig
 from dinocell.pipeline.augmentations import _FROM_YIQ, _TO_YIQ, _luma
 from dinocell.pipeline.samplers import derive_seed
-from dinocell.pipeline.transforms import RGB_GRAYSCALE_PROBABILITY, RGB_JITTER, RGB_JITTER_PROBABILITY
+from dinocell.pipeline.transforms import RGB_GRAYSCALE_PROBABILITY, RGB_JITTER_PROBABILITY
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def draw_photometric(s: CropsConfig, group: str, n_channels: int, rng: random.Ra
     brightness, contrast, gamma = (
         tuple(rng.uniform(*r) for _ in range(n_channels)) for r in (s.brightness_range, s.contrast_range, s.gamma_range)
     )
-    color = _draw_color(group, n_channels, rng) if s.rgb_color_aug else None
+    color = _draw_color(s.rgb_color_jitter, group, n_channels, rng) if s.rgb_color_aug else None
     blur = rng.random() < s.blur_probability[group]
     sigma = rng.uniform(*s.blur_sigma)
     solarize = rng.random() < s.solarization_probability[group]
@@ -80,15 +80,15 @@ def draw_photometric(s: CropsConfig, group: str, n_channels: int, rng: random.Ra
     )
 
 
-def _draw_color(group: str, n_channels: int, rng: random.Random) -> ColorParams:
+def _draw_color(strengths: list[float], group: str, n_channels: int, rng: random.Random) -> ColorParams:
     if n_channels != 3:
         raise ValueError(
             f"crops.rgb_color_aug=true needs 3-channel RGB crops but crop group {group} has {n_channels} "
             "channel(s); set crops.rgb_color_aug=false for non-RGB data or use channel view 'all' on RGB images"
         )
     jitter = rng.random() < RGB_JITTER_PROBABILITY
-    *strengths, hue = RGB_JITTER
-    brightness, contrast, saturation = (rng.uniform(1 - strength, 1 + strength) for strength in strengths)
+    *factors, hue = strengths  # crops.rgb_color_jitter: brightness, contrast, saturation, hue
+    brightness, contrast, saturation = (rng.uniform(1 - strength, 1 + strength) for strength in factors)
     hue_shift = rng.uniform(-hue, hue)
     return ColorParams(jitter, brightness, contrast, saturation, hue_shift, rng.random() < RGB_GRAYSCALE_PROBABILITY)
 

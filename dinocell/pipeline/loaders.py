@@ -3,6 +3,10 @@
 The DataLoader's sampler yields `(dataset_index, position)`; `PositionedDataset` fetches the sample and applies
 `transform(sample, position)`, and the collate function (which runs in the workers) adds the iBOT masks. Nothing
 random depends on the worker or rank, so the stream is identical for any num_workers and world size.
+
+With gradient accumulation (k micro-batches per optimiser step) the sampler's global batch is the step's
+(batch x processes x k) and each process's share is cut into k micro-batches: the images, crops and iBOT masks of a
+step are those of one k-times larger batch.
 """
 
 from __future__ import annotations
@@ -64,19 +68,25 @@ def build_ssl_loader(
     world_size: int = 1,
     seed: int = 0,
     start_iter: int = 0,
+    grad_accum_steps: int = 1,
+    shuffle: bool = True,
     num_workers: int = 0,
+    persistent_workers: bool = True,
     pin_memory: bool = False,
     prefetch_factor: int = 2,
 ) -> DataLoader:
-    """Endless loader of collated SSL batches for one rank, starting at global batch `start_iter`.
+    """Endless loader of collated SSL micro-batches of `batch_size_per_rank` for one rank, starting at global batch
+    `start_iter`; `grad_accum_steps` consecutive micro-batches make one global batch (one optimiser step).
 
-    The global batch is `batch_size_per_rank * world_size` and must match `mask_planner.global_batch_size`.
+    The global batch is `batch_size_per_rank * world_size * grad_accum_steps` and must match
+    `mask_planner.global_batch_size`. `shuffle=False` visits the dataset in order (position = index in the first pass).
     """
-    global_batch_size = batch_size_per_rank * world_size
+    global_batch_size = batch_size_per_rank * world_size * grad_accum_steps
     if mask_planner.global_batch_size != global_batch_size:
         raise ValueError(
             f"mask planner global batch {mask_planner.global_batch_size} != batch_size_per_rank {batch_size_per_rank} "
-            f"x world_size {world_size} = {global_batch_size}; build the planner with that global_batch_size"
+            f"x world_size {world_size} x grad_accum_steps {grad_accum_steps} = {global_batch_size}; build the "
+            "planner with that global_batch_size"
         )
     sampler = InfiniteSampler(
         len(dataset),
@@ -85,6 +95,7 @@ def build_ssl_loader(
         world_size=world_size,
         seed=seed,
         start_iter=start_iter,
+        shuffle=shuffle,
         block_size=dataset.sample_block_size,
     )
     workers = num_workers > 0
@@ -96,7 +107,7 @@ def build_ssl_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=True,
-        persistent_workers=workers,
+        persistent_workers=workers and persistent_workers,
         prefetch_factor=prefetch_factor if workers else None,
         worker_init_fn=functools.partial(_seed_worker, seed, rank) if workers else None,
     )
@@ -114,12 +125,14 @@ def build_eval_transform(cfg: SSLConfig) -> EvalTransform:
 
 
 def build_mask_planner(cfg: SSLConfig, global_batch_size: int) -> IBotMaskPlanner:
-    """iBOT mask plan for the global crops of crops.global_crops_size on a student.patch_size grid."""
+    """iBOT mask plan for the global crops of crops.global_crops_size on a student.patch_size grid; SimCLR uses no
+    masks, so its batches carry an empty plan ([2B, 0] masks)."""
+    dino = cfg.method == "dino"
     return IBotMaskPlanner(
         global_batch_size=global_batch_size,
         n_global_crops=len(GLOBAL_CROP_GROUPS),
-        grid_size=cfg.crops.global_crops_size // cfg.student.patch_size,
-        mask_sample_probability=cfg.ibot.mask_sample_probability,
+        grid_size=cfg.crops.global_crops_size // cfg.student.patch_size if dino else 0,
+        mask_sample_probability=cfg.ibot.mask_sample_probability if dino else 0.0,
         mask_ratio_min_max=cfg.ibot.mask_ratio_min_max,
         seed=cfg.train.seed,
     )
@@ -128,7 +141,31 @@ def build_mask_planner(cfg: SSLConfig, global_batch_size: int) -> IBotMaskPlanne
 def build_ssl_loader_from_config(
     cfg: SSLConfig, dataset: SampleDataset, *, rank: int, world_size: int, start_iter: int, pin_memory: bool = False
 ) -> DataLoader:
-    """The whole training stream from the config: what the trainer calls."""
+    """The whole training stream from the config: what the trainer calls (train.grad_accum_steps micro-batches of
+    train.batch_size_per_gpu per step)."""
+    batch, accum = cfg.train.batch_size_per_gpu, cfg.train.grad_accum_steps
+    return build_ssl_loader(
+        dataset,
+        build_ssl_transform(cfg),
+        build_mask_planner(cfg, batch * world_size * accum),
+        batch_size_per_rank=batch,
+        local_crops_size=cfg.crops.local_crops_size,
+        rank=rank,
+        world_size=world_size,
+        seed=cfg.train.seed,
+        start_iter=start_iter,
+        grad_accum_steps=accum,
+        num_workers=cfg.train.num_workers,
+        pin_memory=pin_memory,
+    )
+
+
+def build_validation_loader(
+    cfg: SSLConfig, dataset: SampleDataset, *, rank: int, world_size: int, pin_memory: bool = False
+) -> DataLoader:
+    """The validation stream: the dataset in order, with the training crops and masks of each position (a function
+    of train.seed and the sample's index only, so every validation sees the same views); batches as in training
+    without accumulation. Iterate it anew for each validation and read len(dataset) // (batch x processes) batches."""
     batch = cfg.train.batch_size_per_gpu
     return build_ssl_loader(
         dataset,
@@ -139,7 +176,8 @@ def build_ssl_loader_from_config(
         rank=rank,
         world_size=world_size,
         seed=cfg.train.seed,
-        start_iter=start_iter,
+        shuffle=False,
         num_workers=cfg.train.num_workers,
+        persistent_workers=False,  # validation is rare: its workers exit between validations
         pin_memory=pin_memory,
     )

@@ -35,8 +35,7 @@ from dinocell.pipeline.augmentations import (
 )
 from dinocell.pipeline.samplers import SeedStream, derive_seed
 
-# DINO's colour-jitter strengths (brightness, contrast, saturation, hue) and chances for natural RGB images.
-RGB_JITTER = (0.4, 0.4, 0.2, 0.1)
+# Chances of colour jitter (strengths: crops.rgb_color_jitter) and grayscale for natural RGB images (DINO and SimCLR).
 RGB_JITTER_PROBABILITY = 0.8
 RGB_GRAYSCALE_PROBABILITY = 0.2
 PYRAMID_MIN_FACTOR = 3.0  # use the half-resolution field when the crop box is >= 3x its output size
@@ -178,7 +177,7 @@ class MultiCropTransform:
                 "channel(s); set crops.rgb_color_aug=false for non-RGB data or use channel view 'all' on RGB images"
             )
         jitter = rng.random() < RGB_JITTER_PROBABILITY
-        *strengths, hue = RGB_JITTER
+        *strengths, hue = self.s.rgb_color_jitter
         factors = [rng.uniform(1 - strength, 1 + strength) for strength in strengths]
         hue_shift = rng.uniform(-hue, hue)
         if jitter:

@@ -1,9 +1,10 @@
-"""Crash-safe checkpoints, teacher eval dumps and RNG state capture.
+"""Crash-safe checkpoints, eval dumps and RNG state capture.
 
-Layout: `output_dir/ckpt/<iteration>/checkpoint.pth`. A checkpoint is written into a hidden temporary directory,
-fsynced, then renamed: the rename is atomic, so a directory named by a number is always complete and a crash while
-writing leaves at most a stray `.tmp-*` directory that the next save removes. Everything stored is readable with
-`torch.load(weights_only=True)` (tensors, numbers, strings, lists, dicts only).
+Layout: `output_dir/ckpt/<iteration>/checkpoint.pth`, the best one by the validation metric in
+`output_dir/ckpt/best/checkpoint.pth` (never pruned, never resumed from). A checkpoint is written into a hidden
+temporary directory, fsynced, then renamed: the rename is atomic, so a checkpoint directory is always complete and a
+crash while writing leaves at most a stray `.tmp-*` directory that the next save removes. Everything stored is
+readable with `torch.load(weights_only=True)` (tensors, numbers, strings, lists, dicts, None).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dinocell.models.pretrained import CHECKPOINT_FILE, TEACHER_FILE
+from dinocell.models.pretrained import CHECKPOINT_FILE, EVAL_DUMP_FILES
 
 logger = logging.getLogger("dinocell")
 
@@ -64,8 +65,11 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(dirs, key=lambda d: int(d.name))
 
 
-def save_checkpoint(ckpt_root: Path, iteration: int, state: dict[str, Any], max_to_keep: int) -> Path:
-    """Save `state` as checkpoint `iteration` and keep only the newest `max_to_keep` checkpoints."""
+BEST = "best"  # ckpt/best/: the checkpoint with the best validation metric so far
+
+
+def save_checkpoint(ckpt_root: Path, iteration: int | str, state: dict[str, Any], max_to_keep: int) -> Path:
+    """Save `state` as checkpoint `iteration` (or BEST) and keep only the newest `max_to_keep` numbered ones."""
     path = atomic_save(state, Path(ckpt_root) / str(iteration), CHECKPOINT_FILE)
     for stray in [*Path(ckpt_root).glob(".tmp-*"), *Path(ckpt_root).glob(".old-*")]:
         shutil.rmtree(stray, ignore_errors=True)
@@ -84,9 +88,12 @@ def load_latest_checkpoint(ckpt_root: Path) -> tuple[Path, dict[str, Any]] | Non
     return None
 
 
-def save_teacher_dump(eval_dir: Path, teacher_state: dict[str, torch.Tensor]) -> Path:
-    """`eval_dir/teacher_checkpoint.pth` = {"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}."""
-    return atomic_save({"teacher": teacher_state}, Path(eval_dir), TEACHER_FILE)
+def save_eval_dump(eval_dir: Path, dump: dict[str, dict[str, torch.Tensor]]) -> Path:
+    """`{role: state dict}` -> `eval_dir/<role>_checkpoint.pth`: DINO's {"teacher": {"backbone.*", "dino_head.*",
+    "ibot_head.*"}} in teacher_checkpoint.pth, SimCLR's {"student": {"backbone.*", "projection_head.*"}} in
+    student_checkpoint.pth."""
+    ((role, _),) = dump.items()
+    return atomic_save(dump, Path(eval_dir), EVAL_DUMP_FILES[role])
 
 
 def capture_rng_state() -> dict[str, Any]:

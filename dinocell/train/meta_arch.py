@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 from dinocell import distributed
 from dinocell.config.schema import DinoConfig, IBotConfig, SSLConfig
 from dinocell.layers.dino_head import DINOHead
-from dinocell.loss import dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp, softmax_center, update_center
+from dinocell.loss import dino_loss, ibot_loss, koleo_loss, logit_sum, sinkhorn_knopp, softmax_center, update_center
 from dinocell.models import build_backbone, load_pretrained
 from dinocell.pipeline.batch import SSLBatch
 
@@ -30,11 +31,13 @@ STUDENT_TEMP = 0.1
 
 
 class SSLOutput(NamedTuple):
-    """What one forward gives the training step."""
+    """What one forward gives the training step (both methods; see dinocell.train.methods)."""
 
     loss: torch.Tensor  # weighted total loss of this rank's batch
     terms: dict[str, torch.Tensor]  # detached loss terms, for metrics
-    centers: dict[str, torch.Tensor]  # next EMA centers (train.centering=centering), for update_teacher
+    # batch statistics that sum over micro-batches, used by after_step once the step is committed (DINO: teacher-logit
+    # sums and counts of the EMA centers)
+    updates: dict[str, torch.Tensor]
 
 
 def _head(in_dim: int, head_cfg: DinoConfig | IBotConfig) -> DINOHead:
@@ -78,15 +81,22 @@ class StudentNetwork(nn.Module):
 
 
 class SSLMetaArch(nn.Module):
-    """Student and teacher. `forward` computes the loss of a batch and has no side effects on the model's state;
-    `update_teacher` applies the step's EMA and center updates once the optimiser step is taken.
+    """Student and teacher (method dino). `forward` computes the loss of a batch and has no side effects on the model's
+    state; `after_step` applies the teacher's EMA and the centers' updates once the optimiser step is taken.
 
     Several processes wrap the whole module in DistributedDataParallel: only the student's parameters require
     gradients, so only they are averaged.
     """
 
+    SCHEDULED_INPUTS = ("teacher_temp",)  # scheduled values `forward` takes
+
     def __init__(self, cfg: SSLConfig) -> None:
         super().__init__()
+        if not cfg.student.is_vit:
+            raise ValueError(
+                f"student.arch={cfg.student.arch!r} with method=dino: DINO + iBOT needs a ViT (iBOT predicts masked "
+                "patch tokens, which a ResNet does not have); use method=simclr with a ResNet, or a vit_* arch"
+            )
         self.cfg = cfg
         backbone = build_backbone(cfg.student.arch, **cfg.student.backbone_kwargs())
         if cfg.student.pretrained_weights:
@@ -107,26 +117,43 @@ class SSLMetaArch(nn.Module):
         self.teacher.eval()  # the teacher never trains (no drop path, no RoPE augmentation)
         return self
 
+    @property
+    def eval_backbone(self) -> nn.Module:
+        """The backbone whose features are evaluated (k-NN) and dumped: the teacher's, as in DINO."""
+        return self.teacher.backbone
+
     @torch.no_grad()
-    def update_teacher(self, momentum: float, centers: dict[str, torch.Tensor]) -> None:
-        """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter; centers take the step's
-        values."""
+    def after_step(self, values: Mapping[str, float], updates: dict[str, torch.Tensor]) -> None:
+        """After a committed optimiser step: the teacher's EMA at the scheduled momentum; with EMA centering, each
+        center moves towards the step's mean teacher logit (`updates`: sums and counts over the step's batch)."""
+        self.update_teacher(values["momentum"])
+        for head in ("dino", "ibot") if updates else ():
+            center = getattr(self, f"{head}_center")
+            total, count = updates[f"{head}_logit_sum"], updates[f"{head}_logit_count"]
+            center.copy_(update_center(center, total, count, CENTER_MOMENTUM))
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter."""
         student = list(self.student.parameters())
         teacher = list(self.teacher.parameters())
         torch._foreach_mul_(teacher, momentum)
         torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
-        for name, value in centers.items():
-            getattr(self, name).copy_(value)
 
     def teacher_state_dict(self) -> dict[str, torch.Tensor]:
         """Teacher weights as in an eval dump: keys backbone.*, dino_head.*, ibot_head.*."""
         return {k: v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()}
 
+    def eval_dump(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The eval dump's contents, DINOv3's layout: {"teacher": {backbone.*, dino_head.*, ibot_head.*}}."""
+        return {"teacher": self.teacher_state_dict()}
+
     @torch.no_grad()
     def _teacher_targets(
         self, batch: SSLBatch, teacher_temp: float
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Teacher probabilities of the global crops' cls tokens [S, B, K] and of the masked patches [M, K]."""
+        """Teacher probabilities of the global crops' cls tokens [S, B, K] and of the masked patches [M, K], and the
+        logit statistics of the centers' update (EMA centering only)."""
         out = self.teacher.backbone.forward_features(batch.global_crops)
         cls_logits = self.teacher.dino_head(out["x_norm_clstoken"])
         patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, batch.mask_indices)
@@ -135,15 +162,14 @@ class SSLMetaArch(nn.Module):
         if self.cfg.train.centering == "sinkhorn_knopp":
             cls_probs = sinkhorn_knopp(cls_logits, teacher_temp)
             patch_probs = sinkhorn_knopp(patch_logits, teacher_temp)
-            centers = {}
+            updates = {}
         else:
             cls_probs = softmax_center(cls_logits, self.dino_center, teacher_temp)
             patch_probs = softmax_center(patch_logits, self.ibot_center, teacher_temp)
-            centers = {
-                "dino_center": update_center(self.dino_center, cls_logits, CENTER_MOMENTUM),
-                "ibot_center": update_center(self.ibot_center, patch_logits, CENTER_MOMENTUM),
-            }
-        return cls_probs.unflatten(0, (batch.n_global_crops, -1)), patch_probs, centers
+            (dino_sum, dino_count), (ibot_sum, ibot_count) = logit_sum(cls_logits), logit_sum(patch_logits)
+            updates = {"dino_logit_sum": dino_sum, "dino_logit_count": dino_count,
+                       "ibot_logit_sum": ibot_sum, "ibot_logit_count": ibot_count}
+        return cls_probs.unflatten(0, (batch.n_global_crops, -1)), patch_probs, updates
 
     def _koleo(self, cls_pre_head: torch.Tensor) -> torch.Tensor:
         """KoLeo per global crop ([S, B, D]), averaged; neighbours searched over the global batch when distributed."""
@@ -157,10 +183,10 @@ class SSLMetaArch(nn.Module):
         return torch.stack(losses).mean()
 
     def forward(self, batch: SSLBatch, teacher_temp: float) -> SSLOutput:
-        """Weighted total loss, detached loss terms and the next centers of one batch."""
+        """Weighted total loss, detached loss terms and the centers' logit statistics of one batch."""
         cfg = self.cfg
         n_global, n_local, b = batch.n_global_crops, batch.n_local_crops, batch.batch_size
-        teacher_cls, teacher_patches, centers = self._teacher_targets(batch, teacher_temp)
+        teacher_cls, teacher_patches, updates = self._teacher_targets(batch, teacher_temp)
 
         crops, crop_masks = [batch.global_crops], [batch.masks]
         if n_local > 0:
@@ -192,4 +218,4 @@ class SSLMetaArch(nn.Module):
             out["patch_logits"], teacher_patches, batch.mask_weights, n_global * b, STUDENT_TEMP
         )
         total = total + cfg.ibot.loss_weight * terms["ibot_loss"]
-        return SSLOutput(total, {name: value.detach() for name, value in terms.items()}, centers)
+        return SSLOutput(total, {name: value.detach() for name, value in terms.items()}, updates)

@@ -2,7 +2,8 @@
 
 Parameter groups (one per distinct combination, so the optimiser stays small):
 - layer-wise lr decay: patch embedding, tokens (cls, storage, mask) and RoPE are layer 0, block i is layer i + 1,
-  the final norm and the heads are layer n_blocks + 1; lr multiplier = layerwise_decay ** (n_blocks + 1 - layer);
+  the final norm and the heads are layer n_blocks + 1; lr multiplier = layerwise_decay ** (n_blocks + 1 - layer).
+  ResNets count stages instead of blocks: the stem (conv1, bn1) is layer 0, stage layerK is layer K, n_blocks = 4;
 - the patch embedding gets an extra `patch_embed_lr_mult`;
 - no weight decay on biases, norm weights, LayerScale gammas and the learned tokens (1-D or token tensors: decaying
   them towards zero only hurts);
@@ -11,6 +12,7 @@ Parameter groups (one per distinct combination, so the optimiser stays small):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -22,10 +24,12 @@ _TOKEN_NAMES = ("cls_token", "storage_tokens", "mask_token", "register_tokens")
 
 
 def _backbone_layer_id(name: str, n_blocks: int) -> int:
-    if name.startswith(("patch_embed.", "rope_embed.")) or name in _TOKEN_NAMES:
+    if name.startswith(("patch_embed.", "rope_embed.", "conv1.", "bn1.")) or name in _TOKEN_NAMES:
         return 0
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1
+    if stage := re.match(r"layer(\d+)\.", name):  # ResNet stage
+        return int(stage.group(1))
     return n_blocks + 1
 
 
@@ -70,7 +74,10 @@ def build_optimizer(groups: Iterable[dict], optim: OptimConfig) -> torch.optim.A
     return torch.optim.AdamW(list(groups), lr=0.0, weight_decay=0.0, betas=betas)
 
 
-def apply_schedule(optimizer: torch.optim.Optimizer, *, lr: float, last_layer_lr: float, weight_decay: float) -> None:
+def apply_schedule(
+    optimizer: torch.optim.Optimizer, *, lr: float, weight_decay: float, last_layer_lr: float | None = None
+) -> None:
+    """Set every group's lr and weight decay; `last_layer_lr` is needed only when a group holds a head's last layer."""
     for group in optimizer.param_groups:
         group["lr"] = (last_layer_lr if group["is_last_layer"] else lr) * group["lr_multiplier"]
         group["weight_decay"] = weight_decay * group["wd_multiplier"]

@@ -1,4 +1,5 @@
-"""Per-iteration schedules (lr, weight decay, teacher momentum, teacher temperature) as plain arrays.
+"""Per-iteration schedules (lr, weight decay; for DINO also last-layer lr, teacher momentum, teacher temperature) as
+plain arrays.
 
 Pure functions of the config and the iteration count, so that a resumed run reads exactly the same values as an
 uninterrupted one: nothing here carries state.
@@ -36,16 +37,21 @@ def warmup_constant(start: float, end: float, *, warmup_iters: int, total_iters:
 
 @dataclass(frozen=True)
 class Schedules:
-    """Every scheduled value, one entry per iteration."""
+    """Every scheduled value, one entry per iteration; the DINO-only ones are None for SimCLR."""
 
     lr: np.ndarray
-    last_layer_lr: np.ndarray
     weight_decay: np.ndarray
-    momentum: np.ndarray
-    teacher_temp: np.ndarray
+    last_layer_lr: np.ndarray | None = None  # the heads' last layers (DINO; frozen for the first epochs)
+    momentum: np.ndarray | None = None  # teacher EMA momentum (DINO)
+    teacher_temp: np.ndarray | None = None  # teacher temperature (DINO)
+
+    def __len__(self) -> int:
+        return len(self.lr)
 
     def at(self, iteration: int) -> dict[str, float]:
-        return {name: float(getattr(self, name)[iteration]) for name in self.__dataclass_fields__}
+        """The values of `iteration` by name (only the schedules this run has)."""
+        return {name: float(values[iteration]) for name in self.__dataclass_fields__
+                if (values := getattr(self, name)) is not None}
 
 
 def build_schedules(cfg: SSLConfig, *, peak_lr: float) -> Schedules:
@@ -53,12 +59,14 @@ def build_schedules(cfg: SSLConfig, *, peak_lr: float) -> Schedules:
     epoch = cfg.train.OFFICIAL_EPOCH_LENGTH
     total = cfg.optim.epochs * epoch
     lr = warmup_cosine(0.0, peak_lr, cfg.optim.min_lr, warmup_iters=cfg.optim.warmup_epochs * epoch, total_iters=total)
-    last_layer_lr = lr.copy()
-    # The heads' last layers stay frozen for the first epochs (DINO: stabilises the prototypes early on).
-    last_layer_lr[: cfg.optim.freeze_last_layer_epochs * epoch] = 0.0
     wd = warmup_cosine(
         cfg.optim.weight_decay, cfg.optim.weight_decay, cfg.optim.weight_decay_end, warmup_iters=0, total_iters=total
     )
+    if cfg.method == "simclr":  # no teacher, no head with a last layer to freeze
+        return Schedules(lr=lr, weight_decay=wd)
+    last_layer_lr = lr.copy()
+    # The heads' last layers stay frozen for the first epochs (DINO: stabilises the prototypes early on).
+    last_layer_lr[: cfg.optim.freeze_last_layer_epochs * epoch] = 0.0
     momentum = warmup_cosine(
         cfg.teacher.momentum_teacher,
         cfg.teacher.momentum_teacher,

@@ -1,9 +1,10 @@
 """The training state: everything a checkpoint holds, saved and restored through one pair of methods.
 
-`state_dict()` is what a checkpoint writes and `load_state_dict()` is what a resume reads: the model (student,
-teacher and the EMA centers), the optimiser, the iteration (which is also the data stream's position: the sampler
-restarts at that global batch), the count of skipped non-finite steps, and every rank's RNG state (drop path and
-RoPE augmentation draw from the process's global generators).
+`state_dict()` is what a checkpoint writes and `load_state_dict()` is what a resume reads: the model (the method's
+state: DINO's student, teacher and EMA centers; SimCLR's student), the optimiser, the iteration (which is also the
+data stream's position: the sampler restarts at that global batch), the count of skipped non-finite steps, the best
+validation value and early-stopping count, and every rank's RNG state (drop path and RoPE augmentation draw from the
+process's global generators).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from dinocell import distributed
 from dinocell.train.checkpoint import capture_rng_state, restore_rng_state
+from dinocell.train.early_stopping import EarlyStopping
 
 logger = logging.getLogger("dinocell")
 
@@ -31,9 +33,18 @@ def seed_everything(seed: int) -> None:
 class TrainState:
     """Model + optimiser + progress of a run; `data` identifies the sample stream the iteration counts in."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, global_batch_size: int, seed: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        early_stopping: EarlyStopping,
+        *,
+        global_batch_size: int,
+        seed: int,
+    ) -> None:
         self.model = model
         self.optimizer = optimizer
+        self.early_stopping = early_stopping
         self.iteration = 0
         self.nonfinite_count = 0
         self.data = {"global_batch_size": global_batch_size, "seed": seed}
@@ -46,6 +57,7 @@ class TrainState:
             "optimizer": self.optimizer.state_dict(),
             "iteration": self.iteration,
             "nonfinite_count": self.nonfinite_count,
+            "early_stopping": self.early_stopping.state_dict(),
             "data": dict(self.data),
             "rng": distributed.all_gather_object(capture_rng_state()),
         }
@@ -56,6 +68,8 @@ class TrainState:
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration = state["iteration"]
         self.nonfinite_count = state["nonfinite_count"]
+        if "early_stopping" in state:  # checkpoints written before validation existed have none
+            self.early_stopping.load_state_dict(state["early_stopping"])
         # checkpoints of dinocell 0.1 (before this class) kept the same facts under "sampler"
         data = state["data"] if "data" in state else {k: state["sampler"][k] for k in self.data}
         if data != self.data:

@@ -1,15 +1,27 @@
-"""One optimisation step, including what happens when it goes wrong.
+"""One optimisation step over one or more micro-batches, including what happens when it goes wrong.
 
-A step whose loss (averaged over ranks) or gradient norm is not finite is skipped as a whole: no optimiser update, no
-teacher EMA, no center update. Because the model's forward has no side effects on its state, skipping needs no
-rollback. Backward still runs on such a step, since DistributedDataParallel expects one backward per forward; the
-gradients are averaged over ranks by then, so every rank sees the same norm and takes the same decision.
+Gradient accumulation (`train.grad_accum_steps` = k): each micro-batch's loss is computed on its own and
+back-propagated scaled by 1/k, so the step's gradient is the mean of the k micro-batch gradients; with several
+processes DistributedDataParallel averages them over processes once, on the last micro-batch (`no_sync` before).
+Per-image terms (DINO's cross-entropies and iBOT given their targets) then give exactly the gradient of one k-times
+larger batch. Batch-level computations see the micro-batch of all processes instead: BatchNorm statistics,
+Sinkhorn-Knopp's normalisation, KoLeo's nearest neighbours and NT-Xent's negatives (2bW - 2 per view rather than
+2bWk - 2, for b images per process and W processes). The forwards' `updates` are sums over their batch (DINO: the
+teacher-logit sums and counts of the EMA centers) and are added up over the micro-batches, so what follows the step
+is exactly that of the large batch.
+
+A step whose loss (averaged over micro-batches and ranks) or gradient norm is not finite is skipped as a whole: no
+optimiser update and no `after_step` (no teacher EMA, no center update). Because the model's forward has no side
+effects on its state, skipping needs no rollback. Backward still runs on such a step, since DistributedDataParallel
+expects one backward per forward; the gradients are averaged over ranks by then, so every rank sees the same norm and
+takes the same decision.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -17,23 +29,35 @@ import torch
 from dinocell import distributed
 from dinocell.config.schema import AUTOCAST_DTYPES
 from dinocell.pipeline.batch import SSLBatch
-from dinocell.train.meta_arch import SSLMetaArch
+from dinocell.train.methods import SSLMethod
 from dinocell.train.optim import apply_schedule
 
 
 class StepResult(NamedTuple):
-    loss: torch.Tensor  # total loss averaged over ranks
-    terms: dict[str, torch.Tensor]  # this rank's detached loss terms
+    loss: torch.Tensor  # total loss averaged over micro-batches and ranks
+    terms: dict[str, torch.Tensor]  # this rank's detached loss terms, averaged over micro-batches
     grad_norm: torch.Tensor  # before clipping
     finite: bool  # False: the step was skipped
 
 
+def autocast_context(device: torch.device, autocast_dtype: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the forward's autocast context: `autocast_dtype` on CUDA; the CPU path always runs fp32."""
+    dtype = getattr(torch, AUTOCAST_DTYPES[autocast_dtype])
+    if device.type == "cuda" and dtype != torch.float32:
+        return lambda: torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext
+
+
+def _mean(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.stack(list(tensors)).mean(dim=0)
+
+
 class TrainStep:
-    """Callable `(batch, scheduled values) -> StepResult` for one model and optimiser."""
+    """Callable `(micro-batches, scheduled values) -> StepResult` for one method and optimiser."""
 
     def __init__(
         self,
-        model: SSLMetaArch,
+        model: SSLMethod,
         optimizer: torch.optim.Optimizer,
         *,
         device: torch.device,
@@ -45,24 +69,37 @@ class TrainStep:
         self.optimizer = optimizer
         self.params = [p for p in model.student.parameters() if p.requires_grad]
         self.max_norm = clip_grad if clip_grad > 0 else math.inf
-        dtype = getattr(torch, AUTOCAST_DTYPES[autocast_dtype])
-        use_autocast = device.type == "cuda" and dtype != torch.float32  # the CPU path always runs fp32
-        self.autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if use_autocast else contextlib.nullcontext
+        self.autocast = autocast_context(device, autocast_dtype)
 
-    def __call__(self, batch: SSLBatch, values: dict[str, float]) -> StepResult:
+    def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """DDP averages gradients over processes only in the last micro-batch's backward."""
+        if last or self.forward is self.model:
+            return contextlib.nullcontext()
+        return self.forward.no_sync()
+
+    def __call__(self, micro_batches: Sequence[SSLBatch], values: Mapping[str, float]) -> StepResult:
         apply_schedule(
-            self.optimizer, lr=values["lr"], last_layer_lr=values["last_layer_lr"], weight_decay=values["weight_decay"]
+            self.optimizer, lr=values["lr"], weight_decay=values["weight_decay"],
+            last_layer_lr=values.get("last_layer_lr"),
         )
         self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            out = self.forward(batch, teacher_temp=values["teacher_temp"])
-        out.loss.backward()
+        inputs = {name: values[name] for name in self.model.SCHEDULED_INPUTS}
+        k = len(micro_batches)
+        losses, terms, updates = [], [], []
+        for i, batch in enumerate(micro_batches):
+            with self._gradient_sync(last=i == k - 1):
+                with self.autocast():
+                    out = self.forward(batch, **inputs)
+                (out.loss / k).backward()
+            losses.append(out.loss.detach())
+            terms.append(out.terms)
+            updates.append(out.updates)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
-        loss = distributed.all_reduce_mean(out.loss)
+        loss = distributed.all_reduce_mean(_mean(losses))
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
-            self.model.update_teacher(values["momentum"], out.centers)
+            self.model.after_step(values, {name: sum(u[name] for u in updates) for name in updates[0]})
         else:
             self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss, out.terms, grad_norm, finite)
+        return StepResult(loss, {name: _mean([t[name] for t in terms]) for name in terms[0]}, grad_norm, finite)

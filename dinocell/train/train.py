@@ -1,8 +1,9 @@
-"""The training loop: `train(cfg)` runs, or continues, one self-supervised run.
+"""The training loop: `train(cfg)` runs, or continues, one self-supervised run (method dino or simclr).
 
-Reads top to bottom: process group and output directory -> model, optimiser, schedules -> resume -> k-NN baseline ->
-data -> loop (one TrainStep per iteration; metrics, checkpoints, teacher dumps) -> final k-NN.
-The command line around it is dinocell/commands/train.py.
+Reads top to bottom: process group and output directory -> method, optimiser, schedules -> resume -> k-NN baseline ->
+data -> loop (one TrainStep per iteration over train.grad_accum_steps micro-batches; validation, best checkpoint and
+early stopping; metrics, checkpoints, eval dumps) -> final k-NN. Everything method-specific is behind the small
+interface of dinocell.train.methods. The command line around it is dinocell/commands/train.py.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ from dinocell.config import SSLConfig, config_to_dict, save_config
 from dinocell.data import make_dataset
 from dinocell.data.dataset import SampleDataset
 from dinocell.logging import MetricsLogger, setup_logging
-from dinocell.pipeline.loaders import build_eval_transform, build_ssl_loader_from_config
-from dinocell.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint, save_teacher_dump
-from dinocell.train.meta_arch import SSLMetaArch
+from dinocell.pipeline.loaders import build_ssl_loader_from_config
+from dinocell.train.checkpoint import BEST, list_checkpoints, load_latest_checkpoint, save_checkpoint, save_eval_dump
+from dinocell.train.early_stopping import EarlyStopping
+from dinocell.train.methods import build_method
 from dinocell.train.optim import build_optimizer, param_groups
 from dinocell.train.schedules import build_schedules
 from dinocell.train.state import TrainState, seed_everything
 from dinocell.train.step import StepResult, TrainStep
+from dinocell.train.validation import Validation, knn_top1
 
 logger = logging.getLogger("dinocell")
 
@@ -44,27 +47,6 @@ def _bad_samples(dataset: SampleDataset) -> int | None:
     return int(distributed.all_reduce_mean(total) * distributed.get_world_size())
 
 
-def knn_top1(cfg: SSLConfig, backbone: torch.nn.Module, device: torch.device) -> float:
-    """k-NN top-1 (%) of `backbone`'s cls features: evaluation.knn_train_dataset -> evaluation.knn_test_dataset."""
-    from dinocell.eval.features import extract_features
-    from dinocell.eval.knn import knn_classify
-
-    transform = build_eval_transform(cfg)
-    feats = {}
-    for split, dataset_str in (("train", cfg.evaluation.knn_train_dataset), ("test", cfg.evaluation.knn_test_dataset)):
-        dataset = make_dataset(dataset_str)
-        feats[split] = extract_features(
-            backbone, dataset, transform, batch_size=cfg.train.batch_size_per_gpu, num_workers=cfg.train.num_workers,
-            device=device,
-        )
-        num_classes = len(dataset.classes)
-    top1 = knn_classify(
-        *feats["train"], *feats["test"], k=cfg.evaluation.knn_k, temperature=cfg.evaluation.knn_temperature,
-        num_classes=num_classes,
-    )
-    return float(top1)
-
-
 def _set_aside_old_run(out: Path) -> None:
     """--no-resume: move the old run's checkpoints out of the way, so that a later resume cannot pick them up."""
     if list_checkpoints(out / "ckpt"):
@@ -77,17 +59,14 @@ def _record(it: int, values: dict[str, float], step: StepResult, window: dict[st
             cfg: SSLConfig, global_batch: int) -> dict[str, Any]:
     """The metrics line of iteration `it` (losses averaged over ranks; times averaged over the logging window)."""
     iter_time = window["time"] / window["iters"]
+    scheduled = {"wd" if name == "weight_decay" else name: value for name, value in values.items()}
     return {
         "iteration": it,
         "epoch": it / cfg.train.OFFICIAL_EPOCH_LENGTH,
         "iter_time": iter_time,
         "data_time": window["data_time"] / window["iters"],
         "images_per_s": global_batch / iter_time,
-        "lr": values["lr"],
-        "last_layer_lr": values["last_layer_lr"],
-        "wd": values["weight_decay"],
-        "momentum": values["momentum"],
-        "teacher_temp": values["teacher_temp"],
+        **scheduled,  # lr, wd; DINO also last_layer_lr, momentum, teacher_temp
         "total_loss": float(step.loss),
         **{name: float(distributed.all_reduce_mean(value)) for name, value in step.terms.items()},
         "grad_norm": float(step.grad_norm),
@@ -109,15 +88,17 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
         torch.backends.cudnn.allow_tf32 = True
 
     seed_everything(cfg.train.seed)  # identical model initialisation on every rank
-    model = SSLMetaArch(cfg).to(device)
-    global_batch = cfg.train.batch_size_per_gpu * dist_info.world_size
+    model = build_method(cfg).to(device)
+    accum = cfg.train.grad_accum_steps
+    global_batch = cfg.train.batch_size_per_gpu * dist_info.world_size * accum  # images per optimiser step
     peak_lr = cfg.optim.scaled_lr(global_batch)
     logger.info(
-        "lr %.3g = optim.lr %.3g scaled by %s for global batch %d (%d process(es) x %d)",
-        peak_lr, cfg.optim.lr, cfg.optim.scaling_rule, global_batch, dist_info.world_size, cfg.train.batch_size_per_gpu,
+        "method %s; lr %.3g = optim.lr %.3g scaled by %s for global batch %d (%d process(es) x %d x %d accumulation "
+        "step(s))", cfg.method, peak_lr, cfg.optim.lr, cfg.optim.scaling_rule, global_batch, dist_info.world_size,
+        cfg.train.batch_size_per_gpu, accum,
     )
     schedules = build_schedules(cfg, peak_lr=peak_lr)
-    total_iters = len(schedules.lr)
+    total_iters = len(schedules)
     epoch_len = cfg.train.OFFICIAL_EPOCH_LENGTH
     logger.info(
         "an 'epoch' here is train.OFFICIAL_EPOCH_LENGTH = %d iterations (%d images), NOT a pass over the dataset; "
@@ -133,7 +114,11 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
         ),
         cfg.optim,
     )
-    state = TrainState(model, optimizer, global_batch_size=global_batch, seed=cfg.train.seed)
+    early_stopping = EarlyStopping(
+        cfg.checkpointing.best_metric, patience=cfg.train.early_stopping_patience,
+        min_delta=cfg.train.early_stopping_min_delta,
+    )
+    state = TrainState(model, optimizer, early_stopping, global_batch_size=global_batch, seed=cfg.train.seed)
     if not resume and is_main:
         _set_aside_old_run(out)
     distributed.barrier()
@@ -147,13 +132,16 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
         autocast_dtype=cfg.compute_precision.autocast_dtype,
     )
 
-    knn_enabled = bool(cfg.evaluation.knn_train_dataset and cfg.evaluation.knn_test_dataset)
     knn_path = out / "eval" / "knn.json"
-    if knn_enabled and state.iteration == 0 and is_main:
+    if cfg.evaluation.knn_enabled and state.iteration == 0 and is_main:
         knn_path.parent.mkdir(parents=True, exist_ok=True)
-        init_top1 = knn_top1(cfg, model.teacher.backbone, device)
+        init_top1 = knn_top1(cfg, model.eval_backbone, device)
         knn_path.write_text(json.dumps({"k": cfg.evaluation.knn_k, "init": init_top1}))
         logger.info("k-NN top-1 at initialisation: %.2f%%", init_top1)
+    validation = None
+    if cfg.evaluation.val_period_iterations > 0:  # at the end-of-training values of the scheduled inputs
+        validation = Validation(cfg, model, schedules.at(total_iters - 1), device=device,
+                                world_size=dist_info.world_size)
 
     metrics = MetricsLogger(
         out, total_iterations=total_iters, start_iteration=state.iteration, enabled=is_main,
@@ -169,12 +157,13 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
     consecutive_nonfinite = 0
     record: dict[str, Any] = {}
     window = {"start": time.perf_counter(), "iters": 0, "data_time": 0.0}
-    for it in range(state.iteration, total_iters):
+    while state.iteration < total_iters and not state.early_stopping.should_stop:
+        it = state.iteration
         t0 = time.perf_counter()
-        batch = next(data).to(device, non_blocking=True)
+        micro_batches = [next(data).to(device, non_blocking=True) for _ in range(accum)]
         window["data_time"] += time.perf_counter() - t0
         values = schedules.at(it)
-        result = step(batch, values)
+        result = step(micro_batches, values)
         state.iteration = done = it + 1
         window["iters"] += 1
         if result.finite:
@@ -191,34 +180,49 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
                     "written from this state. Lower optim.lr, raise the warm-up, or check the data for NaN/inf."
                 )
 
-        if done % cfg.train.log_every == 0 or done == total_iters:
+        scores, new_best = {}, False
+        if validation is not None and validation.due(done, total_iters):
+            t_val = time.perf_counter()
+            scores = validation()
+            window["start"] += time.perf_counter() - t_val  # iter_time and images_per_s measure training only
+            new_best = state.early_stopping.update(scores[cfg.checkpointing.best_metric], done)
+        last = done == total_iters or state.early_stopping.should_stop
+
+        if scores or done % cfg.train.log_every == 0 or last:
             window["time"] = time.perf_counter() - window["start"]
-            record = _record(it, values, result, window, state, cfg, global_batch)
+            record = _record(it, values, result, window, state, cfg, global_batch) | scores
             bad_samples = _bad_samples(dataset)
             if bad_samples is not None:
                 record["bad_samples"] = bad_samples  # counted since this process started (a resume starts at 0)
             metrics.log(record)
             window = {"start": time.perf_counter(), "iters": 0, "data_time": 0.0}
-        checkpoint = done % cfg.checkpointing.period == 0 or done == total_iters
+        checkpoint = done % cfg.checkpointing.period == 0 or last
         period = cfg.evaluation.eval_period_iterations
-        dump = (period > 0 and done % period == 0) or done == total_iters
-        if checkpoint:
+        dump = (period > 0 and done % period == 0) or last
+        if checkpoint or new_best:
             saved = state.state_dict()  # every rank: the RNG states are gathered
-            if is_main:
+            if is_main and checkpoint:
                 save_checkpoint(out / "ckpt", done, saved, cfg.checkpointing.max_to_keep)
+            if is_main and new_best:
+                save_checkpoint(out / "ckpt", BEST, saved, cfg.checkpointing.max_to_keep)
+                logger.info("best %s so far: %.4f at iteration %d, saved in %s", cfg.checkpointing.best_metric,
+                            state.early_stopping.best, done, out / "ckpt" / BEST)
         if dump and is_main:
-            save_teacher_dump(out / "eval" / str(done), model.teacher_state_dict())
-            if done == total_iters:
-                save_teacher_dump(out / "eval" / "final", model.teacher_state_dict())
-        if checkpoint or dump:
+            save_eval_dump(out / "eval" / str(done), model.eval_dump())
+            if last:
+                save_eval_dump(out / "eval" / "final", model.eval_dump())
+        if checkpoint or new_best or dump:
             distributed.barrier()  # the files are complete before any rank goes on (or a run ends)
+    if state.early_stopping.should_stop and is_main:
+        logger.info("early stopping at iteration %d: %s", state.iteration, state.early_stopping.summary())
 
-    if knn_enabled and is_main:
+    if cfg.evaluation.knn_enabled and is_main:
         knn = json.loads(knn_path.read_text()) if knn_path.exists() else {"k": cfg.evaluation.knn_k}
-        knn["final"] = knn_top1(cfg, model.teacher.backbone, device)
+        knn["final"] = knn_top1(cfg, model.eval_backbone, device)
         knn_path.write_text(json.dumps(knn))
         init = knn.get("init", float("nan"))
-        logger.info("k-NN top-1 (k=%d) of the teacher cls features: %.2f%% at initialisation -> %.2f%% trained "
-                    "(%+.2f points)", cfg.evaluation.knn_k, init, knn["final"], knn["final"] - init)
+        logger.info("k-NN top-1 (k=%d) of the %s features: %.2f%% at initialisation -> %.2f%% trained "
+                    "(%+.2f points)", cfg.evaluation.knn_k, "teacher cls" if cfg.method == "dino" else "backbone",
+                    init, knn["final"], knn["final"] - init)
     metrics.close()
     return record

@@ -1,0 +1,47 @@
+"""The self-supervised methods the trainer runs (`method` in the config), behind one small interface.
+
+The training step, the loop, checkpoints and evaluation only use what `SSLMethod` declares, so a method is one
+module: dinocell.train.meta_arch (dino: DINO + iBOT + KoLeo, student and EMA teacher) and dinocell.train.simclr
+(simclr: NT-Xent on two views).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from dinocell.config.schema import SSLConfig
+from dinocell.train.meta_arch import SSLMetaArch, SSLOutput
+from dinocell.train.simclr import SimCLRMetaArch
+
+
+class SSLMethod(Protocol):
+    """What the trainer needs from a method (an nn.Module; its state_dict is the checkpoint's "model")."""
+
+    student: nn.Module  # the network the optimiser trains; `student.backbone` is its backbone
+    SCHEDULED_INPUTS: tuple[str, ...]  # scheduled values (dinocell.train.schedules) `forward` takes by name
+
+    def __call__(self, batch, **scheduled: float) -> SSLOutput:
+        """The loss of one batch; no side effect on the model's state (a skipped step needs no rollback)."""
+
+    def after_step(self, values: Mapping[str, float], updates: dict[str, torch.Tensor]) -> None:
+        """Commit what follows a taken optimiser step (DINO: teacher EMA and centers), from the iteration's
+        scheduled values and the forwards' `updates` (batch sums) added up over the micro-batches."""
+
+    @property
+    def eval_backbone(self) -> nn.Module:
+        """The backbone whose features are evaluated (k-NN) and dumped (DINO: the teacher's; SimCLR: the student's)."""
+
+    def eval_dump(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{role: state dict} written to output_dir/eval/<iteration>/<role>_checkpoint.pth."""
+
+
+METHODS: dict[str, type[nn.Module]] = {"dino": SSLMetaArch, "simclr": SimCLRMetaArch}
+
+
+def build_method(cfg: SSLConfig) -> SSLMethod:
+    """The meta-architecture of `cfg.method`, built from the config (weights initialised, nothing moved to a device)."""
+    return METHODS[cfg.method](cfg)
