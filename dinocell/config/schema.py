@@ -328,6 +328,7 @@ class EvaluationConfig:
 class CheckpointingConfig:
     period: int = 1250
     max_to_keep: int = 3
+    save_on_sigterm: bool = True
 
     def problems(self) -> Problems:
         yield from _positive(self, "period", "max_to_keep")

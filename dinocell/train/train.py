@@ -1,7 +1,9 @@
 """The training loop: `train(cfg)` runs, or continues, one self-supervised run.
 
-Reads top to bottom: process group and output directory -> model, optimiser, schedules -> resume -> k-NN baseline ->
-data -> loop (one TrainStep per iteration; metrics, checkpoints, teacher dumps) -> final k-NN.
+Reads top to bottom: pre-flight checks (data, weights, output directory, resume compatibility) -> process group and
+output directory -> model, optimiser, schedules -> resume -> k-NN baseline -> data -> loop (one TrainStep per
+iteration; metrics, checkpoints, teacher dumps; a SIGTERM stop) -> end-of-run work (final teacher dumps, pruning,
+final k-NN), which a rerun redoes when a kill interrupted it.
 The command line around it is dinocell/commands/train.py.
 """
 
@@ -19,20 +21,28 @@ from dinocell import distributed
 from dinocell.config import SSLConfig, config_to_dict, save_config
 from dinocell.data import make_dataset
 from dinocell.data.dataset import SampleDataset
+from dinocell.errors import UserError
 from dinocell.logging import MetricsLogger, setup_logging
+from dinocell.logging.sinks import METRICS_FILE
+from dinocell.models.pretrained import TEACHER_FILE
 from dinocell.pipeline.loaders import build_eval_transform, build_ssl_loader_from_config
-from dinocell.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint, save_teacher_dump
+from dinocell.train.checkpoint import prune_checkpoints, save_checkpoint, save_teacher_dump
 from dinocell.train.meta_arch import SSLMetaArch
 from dinocell.train.optim import build_optimizer, param_groups
+from dinocell.train.preflight import preflight
+from dinocell.train.resume import check_config_change, resume_from_checkpoint, set_aside_run
 from dinocell.train.schedules import build_schedules
+from dinocell.train.signals import StopRequest, Terminated
 from dinocell.train.state import TrainState, seed_everything
 from dinocell.train.step import StepResult, TrainStep
 
 logger = logging.getLogger("dinocell")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Raised after train.max_consecutive_nonfinite non-finite steps in a row."""
+
+    exit_code = 1
 
 
 def _bad_samples(dataset: SampleDataset) -> int | None:
@@ -65,14 +75,6 @@ def knn_top1(cfg: SSLConfig, backbone: torch.nn.Module, device: torch.device) ->
     return float(top1)
 
 
-def _set_aside_old_run(out: Path) -> None:
-    """--no-resume: move the old run's checkpoints out of the way, so that a later resume cannot pick them up."""
-    if list_checkpoints(out / "ckpt"):
-        kept = out / f"ckpt.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-        (out / "ckpt").rename(kept)
-        logger.warning("--no-resume: moved the existing checkpoints to %s", kept)
-
-
 def _record(it: int, values: dict[str, float], step: StepResult, window: dict[str, float], state: TrainState,
             cfg: SSLConfig, global_batch: int) -> dict[str, Any]:
     """The metrics line of iteration `it` (losses averaged over ranks; times averaged over the logging window)."""
@@ -95,15 +97,21 @@ def _record(it: int, values: dict[str, float], step: StepResult, window: dict[st
     }
 
 
-def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
-    """Run (or continue) a training run in cfg.train.output_dir; returns the last metrics record."""
+def train(cfg: SSLConfig, *, resume: bool = True, stop: StopRequest | None = None) -> dict[str, Any]:
+    """Run (or continue) a training run in cfg.train.output_dir; returns the last metrics record. With `stop`
+    (dinocell.train.signals), SIGTERM on any rank ends the run at the next iteration, after a checkpoint."""
+    dataset = preflight(cfg)  # before anything is built or written
+    out = Path(cfg.train.output_dir)
+    resume_warnings = check_config_change(cfg, out) if resume else []  # a refused resume changes nothing on disk
     dist_info = distributed.init_distributed()
     device, is_main = dist_info.device, dist_info.is_main
-    out = Path(cfg.train.output_dir)
+    replaced = set_aside_run(out) if not resume and is_main else None  # --no-resume, before logs/ is reopened
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out, enabled=is_main)
-    if is_main:
-        save_config(cfg, out / "config.yaml")
+    if replaced is not None:
+        logger.warning("--no-resume: moved the earlier run's files to %s", replaced)
+    for message in resume_warnings:
+        logger.warning("%s", message)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -134,14 +142,12 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
         cfg.optim,
     )
     state = TrainState(model, optimizer, global_batch_size=global_batch, seed=cfg.train.seed)
-    if not resume and is_main:
-        _set_aside_old_run(out)
     distributed.barrier()
-    latest = load_latest_checkpoint(out / "ckpt") if resume else None
-    if latest is not None:
-        ckpt_dir, saved = latest
-        state.load_state_dict(saved)
-        logger.info("resumed from %s at iteration %d", ckpt_dir, state.iteration)
+    resumed = resume_from_checkpoint(out / "ckpt", state, total_iters, is_main=is_main) if resume else None
+    if resumed is not None:
+        logger.info("resumed from %s at iteration %d", resumed, state.iteration)
+    if is_main:
+        save_config(cfg, out / "config.yaml")  # only now: a failed resume leaves the run's saved config as it was
     step = TrainStep(
         model, optimizer, device=device, clip_grad=cfg.optim.clip_grad,
         autocast_dtype=cfg.compute_precision.autocast_dtype,
@@ -159,7 +165,6 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
         out, total_iterations=total_iters, start_iteration=state.iteration, enabled=is_main,
         wandb_cfg=cfg.logging, config=config_to_dict(cfg),
     )
-    dataset = make_dataset(cfg.train.dataset_path)
     data = iter(build_ssl_loader_from_config(
         cfg, dataset, rank=dist_info.rank, world_size=dist_info.world_size, start_iter=state.iteration,
         pin_memory=device.type == "cuda",
@@ -199,26 +204,38 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
                 record["bad_samples"] = bad_samples  # counted since this process started (a resume starts at 0)
             metrics.log(record)
             window = {"start": time.perf_counter(), "iters": 0, "data_time": 0.0}
-        checkpoint = done % cfg.checkpointing.period == 0 or done == total_iters
+        stopping = stop is not None and stop.agreed(device)  # SIGTERM on any rank: all stop here, after a checkpoint
+        checkpoint = done % cfg.checkpointing.period == 0 or done == total_iters or stopping
         period = cfg.evaluation.eval_period_iterations
-        dump = (period > 0 and done % period == 0) or done == total_iters
+        dump = period > 0 and done % period == 0 and done < total_iters  # the last one is end-of-run work, below
         if checkpoint:
             saved = state.state_dict()  # every rank: the RNG states are gathered
             if is_main:
                 save_checkpoint(out / "ckpt", done, saved, cfg.checkpointing.max_to_keep)
         if dump and is_main:
             save_teacher_dump(out / "eval" / str(done), model.teacher_state_dict())
-            if done == total_iters:
-                save_teacher_dump(out / "eval" / "final", model.teacher_state_dict())
         if checkpoint or dump:
             distributed.barrier()  # the files are complete before any rank goes on (or a run ends)
+        if stopping:
+            metrics.close()
+            raise Terminated
 
+    # End-of-run work. A rerun after a kill between the last checkpoint and here resumes at total_iters, runs no
+    # iteration and arrives here: the teacher dumps and the pruning are redone (they are idempotent), the final k-NN
+    # unless eval/knn.json already holds the score of this iteration.
+    if is_main:
+        for name in (str(total_iters), "final"):
+            save_teacher_dump(out / "eval" / name, model.teacher_state_dict())
+        prune_checkpoints(out / "ckpt", cfg.checkpointing.max_to_keep)
     if knn_enabled and is_main:
         knn = json.loads(knn_path.read_text()) if knn_path.exists() else {"k": cfg.evaluation.knn_k}
-        knn["final"] = knn_top1(cfg, model.teacher.backbone, device)
-        knn_path.write_text(json.dumps(knn))
+        if knn.get("final_iteration") != total_iters:
+            knn.update(final=knn_top1(cfg, model.teacher.backbone, device), final_iteration=total_iters)
+            knn_path.write_text(json.dumps(knn))
         init = knn.get("init", float("nan"))
         logger.info("k-NN top-1 (k=%d) of the teacher cls features: %.2f%% at initialisation -> %.2f%% trained "
                     "(%+.2f points)", cfg.evaluation.knn_k, init, knn["final"], knn["final"] - init)
     metrics.close()
+    logger.info("run finished: teacher weights %s; metrics %s%s", out / "eval" / "final" / TEACHER_FILE,
+                out / METRICS_FILE, f"; k-NN {knn_path}" if knn_enabled else "")
     return record
