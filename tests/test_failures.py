@@ -97,6 +97,8 @@ def test_no_command_version_and_close_command():
                                                                "'root'?"),
     (False, {"afile": ""}, ["--output-dir", "afile/run"], "{tmp}/afile is a file, not a folder; choose another "
                                                            "--output-dir"),
+    (False, {}, ["train.dataset_path=JUMPS3MultiView:bucket=b:endpoint_url=http://127.0.0.1:9:retries=0"],
+     "cannot list s3://b/cpg0016-jump/ at S3 endpoint http://127.0.0.1:9 (1 attempt, last: EndpointConnectionError"),
 ])  # fmt: skip
 def test_train_mistakes_are_one_line_and_write_nothing(tmp_path, monkeypatch, capsys, in_subprocess, write, args,
                                                        phrase):
@@ -147,6 +149,25 @@ def test_debug_shows_the_traceback_and_bugs_keep_theirs(tmp_path, monkeypatch, c
     assert capsys.readouterr().err == "dinocell demo: No space left on device: /scratch/run/ckpt\n"
     with pytest.raises(OSError):
         disk_full(["--debug"])
+
+
+def test_every_command_is_behind_the_boundary_and_takes_debug():
+    import argparse
+    import importlib
+
+    from dinocell.cli import COMMANDS
+    from dinocell.commands.eval import TASKS
+
+    for module_name, _ in [*COMMANDS.values(), *TASKS.values()]:
+        if module_name == "dinocell.commands.eval":
+            continue  # only dispatches to the tasks below
+        module = importlib.import_module(module_name)
+        assert hasattr(module.main, "__wrapped__"), f"{module_name}.main lacks @command"
+        parsers = [module.build_parser()]
+        for action in parsers[0]._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers = list(action.choices.values())
+        assert all("--debug" in parser.format_help() for parser in parsers), module_name
 
 
 def test_overrides_anywhere_on_the_line(tmp_path, capsys):
