@@ -8,6 +8,11 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 DEMO_CONFIG="$ROOT/configs/train/demo.yaml"
+# what resumes this run (named by the trainer when it is stopped): this command again, without --no-resume
+resume_args=()
+for arg in "$@"; do [ "$arg" = --no-resume ] || resume_args+=("$arg"); done
+DINOCELL_LAUNCH_COMMAND="$(printf '%q ' "$0" ${resume_args[@]+"${resume_args[@]}"})"
+export DINOCELL_LAUNCH_COMMAND="${DINOCELL_LAUNCH_COMMAND% }"
 
 usage() {
     cat <<USAGE

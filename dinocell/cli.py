@@ -7,7 +7,11 @@ dependencies never break another. Nothing imports this module.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from dinocell import __version__
+from dinocell.commands.boundary import DEBUG_ENV
 
 # command -> (module with a `main(argv: list[str] | None) -> int | None`, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -25,15 +29,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     width = max(len(c) for c in COMMANDS)
-    lines = ["usage: dinocell <command> [--help] [args...]", "", "commands:"]
+    lines = ["usage: dinocell [--version] [--debug] <command> [--help] [args...]", "", "commands:"]
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
-    lines += ["", "Run `dinocell <command> --help` for the options of one command."]
+    lines += ["", "Run `dinocell <command> --help` for the options of one command. A mistake is reported in one line;",
+              f"--debug (before or after the command, or {DEBUG_ENV}=1) shows the full traceback instead.",
+              "What the messages mean and what to do: docs/troubleshooting.md."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] == "--version":
+        print(f"dinocell {__version__}")
+        return 0
+    if argv and argv[0] == "--debug":  # global form of the commands' --debug
+        os.environ[DEBUG_ENV] = "1"
+        argv = argv[1:]
+    if not argv:
+        print(_usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
     command, rest = argv[0], argv[1:]

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 import dinocell
 from dinocell.commands.common import load_checked_config
 from dinocell.config import ConfigError, SSLConfig, config_to_yaml, load_config, save_config, validate_config
-from dinocell.config.loading import _leaves
+from dinocell.config.loading import leaves
 from dinocell.config.schema import section_types
 
 DEFAULT_YAML = pathlib.Path(dinocell.__file__).parent / "configs" / "ssl_default_config.yaml"
@@ -30,7 +30,7 @@ def test_defaults_alone_are_valid_and_the_yaml_documents_exactly_the_schema():
     assert isinstance(cfg, SSLConfig) and cfg.train.dataset_path == "SyntheticCellPainting"
     yaml_defaults = OmegaConf.to_container(OmegaConf.load(DEFAULT_YAML))
     assert yaml_defaults == OmegaConf.to_container(OmegaConf.structured(SSLConfig))  # same keys, same values
-    assert set(dict(_leaves(yaml_defaults))) == set(section_types())
+    assert set(dict(leaves(yaml_defaults))) == set(section_types())
     # every key has its one-line comment in the YAML (the documentation users read)
     for line in DEFAULT_YAML.read_text().splitlines():
         if re.match(r"^  \w+: \S", line):

@@ -13,6 +13,7 @@ from s3_server import S2, S4, STAINS, make_gallery, plane, tiff_bytes
 from torch.utils.data import DataLoader
 
 from dinocell.data import make_dataset
+from dinocell.data.dataset import DatasetError
 from dinocell.data.datasets.jump import JUMPCellPaintingMultiView
 from dinocell.data.io.bad_files import BadFileError
 from dinocell.data.io.tiff import decode_tiff
@@ -196,7 +197,7 @@ def test_missing_illumination_function_makes_fields_bad_not_a_crash_mid_batch(tm
     illum.unlink()
     ds = CountingReads(root=gallery.root, channels=["DNA"], illum_correction=True, sources=["source_2"])
     before = CountingReads.reads
-    with pytest.raises(RuntimeError, match="no loadable sample.*IllumDNA.npy"):
+    with pytest.raises(DatasetError, match="no loadable sample.*IllumDNA.npy"):
         ds[0]  # every field of the plate needs it: nothing to substitute, and never a placeholder
     assert ds.bad_sample_counts()["missing"] == 4
     assert CountingReads.reads - before == 1  # the missing function is looked for once; no image is downloaded

@@ -9,6 +9,7 @@ import pytest
 import tifffile
 
 from dinocell.data import make_dataset
+from dinocell.data.dataset import DatasetError
 from dinocell.data.datasets.single_cell import SingleCellFolder, channels_first
 
 
@@ -55,7 +56,7 @@ def test_label_depth_and_bad_channel_index(tmp_path):
     with pytest.raises(ValueError, match="no class folder 2 level"):
         SingleCellFolder(root=tmp_path, label_depth=2)
     # a wrong channel selection fails every file: the run stops with the reason instead of training on nothing
-    with pytest.raises(RuntimeError, match=r"channels=\[7\] but the file has 5 channels \(valid indices 0..4\)"):
+    with pytest.raises(DatasetError, match=r"channels=\[7\] but the file has 5 channels \(valid indices 0..4\)"):
         SingleCellFolder(root=tmp_path, channels=[7])[0]
 
 

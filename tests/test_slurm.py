@@ -98,9 +98,9 @@ def test_dry_run_prints_the_batch_script_and_writes_nothing(tmp_path, capsys):
     (["optim.lrr=0.1"], "optim.lrr"),
 ])  # fmt: skip
 def test_bad_arguments_exit_2_with_the_reason(argv, message, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        submit_cli.main(["--output-dir", str(tmp_path / "run"), "--dry-run", *argv])
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert submit_cli.main(["--output-dir", str(tmp_path / "run"), "--dry-run", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dinocell submit: ") and message in err and len(err.splitlines()) == 1
 
 
 def test_no_resume_applies_to_the_first_attempt_only(monkeypatch):

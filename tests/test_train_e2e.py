@@ -48,6 +48,7 @@ def test_run_writes_every_output(tmp_path):
     assert (out / "config.yaml").is_file() and OmegaConf.load(out / "config.yaml").optim.lr == 1e-3  # base lr kept
     log = (out / "logs" / "log.txt").read_text()
     assert "OFFICIAL_EPOCH_LENGTH" in log and "scaled by sqrt_wrt_1024" in log
+    assert f"run finished: weights {out / 'eval' / 'final' / 'teacher_checkpoint.pth'}" in log
     records = _metrics(out)
     assert [r["iteration"] for r in records] == list(range(6)) and records[-1] == last
     for field in (*LOSS_FIELDS, "iteration", "epoch", "iter_time", "data_time", "images_per_s", "last_layer_lr",
@@ -72,10 +73,15 @@ def test_run_writes_every_output(tmp_path):
         assert torch.equal(value, dump[f"backbone.{name}"]), name
 
     train(_cfg(out, "optim.epochs=1"), resume=False)  # --no-resume in the same directory
-    replaced = list(out.glob("ckpt.replaced-*"))
-    assert len(replaced) == 1 and sorted(p.name for p in replaced[0].iterdir()) == ["3", "6"]
+    replaced = list(out.glob("replaced-*"))  # everything the first run wrote, in one folder
+    assert len(replaced) == 1 and sorted(p.name for p in replaced[0].iterdir()) == [
+        "ckpt", "config.yaml", "eval", "logs", "training_metrics.json"]
+    assert sorted(p.name for p in (replaced[0] / "ckpt").iterdir()) == ["3", "6"]
+    assert sorted(p.name for p in (replaced[0] / "eval").iterdir()) == ["2", "4", "6", "final"]
     assert [p.name for p in ckpt_module.list_checkpoints(out / "ckpt")] == ["2"]
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["2", "final"]
     assert [r["iteration"] for r in _metrics(out)] == [0, 1]
+    assert "--no-resume: moved the earlier run's files to" in (out / "logs" / "log.txt").read_text()
 
 
 class _Interrupt(Exception):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from dinocell.commands.boundary import add_debug_option, command
 from dinocell.data import list_datasets
-from dinocell.data.registry import DatasetStringError, describe_dataset, lookup_dataset
+from dinocell.data.registry import describe_dataset, lookup_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,18 +17,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: dinocell datasets SyntheticCellPainting",
     )
     parser.add_argument("name", nargs="?", help="show only this dataset")
+    add_debug_option(parser)
     return parser
 
 
+@command("dinocell datasets")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.name:
-        try:
-            cls = lookup_dataset(args.name)
-        except DatasetStringError as err:
-            print(f"dinocell datasets: {err}", file=sys.stderr)
-            return 2
-        print(describe_dataset(args.name, cls))
+        print(describe_dataset(args.name, lookup_dataset(args.name)))
         return 0
     print("\n\n".join(describe_dataset(n, c) for n, c in list_datasets().items()))
     return 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dinocell.commands.eval_setup import add_model_options, add_run_options, device_of, load_model, run
+from dinocell.commands.boundary import command
+from dinocell.commands.eval_setup import add_model_options, add_run_options, device_of, load_model
 from dinocell.eval.report import format_table, percent, write_results
 
 PROG = "dinocell eval channel-consistency"
@@ -45,29 +46,26 @@ def tables(results: dict) -> str:
     return head + format_table(["view", "cosine to mean", "retrieval top-1 %"], rows)
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from dinocell.data import make_dataset
+    from dinocell.eval.channel_consistency import channel_consistency
 
-    def body() -> int:
-        from dinocell.data import make_dataset
-        from dinocell.eval.channel_consistency import channel_consistency
-
-        device = device_of(args)
-        model = load_model(args, device)
-        crops = model.cfg.crops
-        results = channel_consistency(
-            model.backbone, make_dataset(args.dataset), size=int(crops.global_crops_size),
-            in_chans=int(model.cfg.student.in_chans), channel_mean=model.description["channel_mean"],
-            channel_std=model.description["channel_std"], batch_size=args.batch_size, num_workers=args.num_workers,
-            device=device,
-        )
-        results.update(dataset=args.dataset, model=model.description)
-        table = tables(results)
-        write_results(args.output_dir, "channel-consistency", results, table)
-        print(f"{table}\nresults: {args.output_dir}/channel-consistency.json, channel-consistency.txt")
-        return 0
-
-    return run(PROG, body)
+    device = device_of(args)
+    model = load_model(args, device)
+    crops = model.cfg.crops
+    results = channel_consistency(
+        model.backbone, make_dataset(args.dataset), size=int(crops.global_crops_size),
+        in_chans=int(model.cfg.student.in_chans), channel_mean=model.description["channel_mean"],
+        channel_std=model.description["channel_std"], batch_size=args.batch_size, num_workers=args.num_workers,
+        device=device,
+    )
+    results.update(dataset=args.dataset, model=model.description)
+    table = tables(results)
+    write_results(args.output_dir, "channel-consistency", results, table)
+    print(f"{table}\nresults: {args.output_dir}/channel-consistency.json, channel-consistency.txt")
+    return 0
 
 
 if __name__ == "__main__":

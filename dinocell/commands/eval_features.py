@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from dinocell.commands.eval_setup import add_model_options, add_run_options, load_model, run
+from dinocell.commands.boundary import command
+from dinocell.commands.eval_setup import add_model_options, add_run_options, load_model
 from dinocell.eval.errors import EvalError
 from dinocell.eval.report import format_table
 
@@ -57,37 +58,34 @@ def summary_table(manifest: dict) -> str:
     return format_table(["", "value"], rows)
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from dinocell import distributed
+    from dinocell.data import make_dataset
+    from dinocell.eval.features import export_features
 
-    def body() -> int:
-        from dinocell import distributed
-        from dinocell.data import make_dataset
-        from dinocell.eval.features import export_features
-
-        info = distributed.init_distributed()
-        device = info.device if args.device is None else torch.device(args.device)
-        try:
-            model = load_model(args, device, verbose=info.is_main)
-            if args.storage_tokens and model.backbone.n_storage_tokens == 0:
-                raise EvalError("--storage-tokens, but the backbone has no storage tokens (n_storage_tokens=0)")
-            kinds = ("cls", *(["patch_mean"] if args.patch_mean else []), *(["storage"] if args.storage_tokens else []))
-            dataset = make_dataset(args.dataset)
-            manifest = export_features(
-                model.backbone, dataset, model.transform, args.output_dir,
-                settings={"dataset": args.dataset, **model.description}, kinds=kinds, chunk_size=args.chunk_size,
-                batch_size=args.batch_size, num_workers=args.num_workers, device=device,
-            )
-        finally:
-            distributed.destroy()
-        if info.is_main:
-            table = summary_table(manifest)
-            (Path(args.output_dir) / "features.txt").write_text(table + "\n")
-            print(table)
-            print(f"features: {Path(args.output_dir) / 'features.json'} (manifest) and chunk_*.npz")
-        return 0
-
-    return run(PROG, body)
+    info = distributed.init_distributed()
+    device = info.device if args.device is None else torch.device(args.device)
+    try:
+        model = load_model(args, device, verbose=info.is_main)
+        if args.storage_tokens and model.backbone.n_storage_tokens == 0:
+            raise EvalError("--storage-tokens, but the backbone has no storage tokens (n_storage_tokens=0)")
+        kinds = ("cls", *(["patch_mean"] if args.patch_mean else []), *(["storage"] if args.storage_tokens else []))
+        dataset = make_dataset(args.dataset)
+        manifest = export_features(
+            model.backbone, dataset, model.transform, args.output_dir,
+            settings={"dataset": args.dataset, **model.description}, kinds=kinds, chunk_size=args.chunk_size,
+            batch_size=args.batch_size, num_workers=args.num_workers, device=device,
+        )
+    finally:
+        distributed.destroy()
+    if info.is_main:
+        table = summary_table(manifest)
+        (Path(args.output_dir) / "features.txt").write_text(table + "\n")
+        print(table)
+        print(f"features: {Path(args.output_dir) / 'features.json'} (manifest) and chunk_*.npz")
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dinocell.commands.eval_setup import add_model_options, add_run_options, device_of, load_model, run
+from dinocell.commands.boundary import command
+from dinocell.commands.eval_setup import add_model_options, add_run_options, device_of, load_model
 from dinocell.eval.errors import EvalError
 from dinocell.eval.report import format_table, percent, write_results
 
@@ -77,51 +78,48 @@ def tables(results: dict) -> str:
     return head + format_table(["split", "n", "accuracy %", "top-5 %", "balanced acc %", "macro-F1 %", "loss"], rows)
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import numpy as np
+    from torch.utils.data import Subset
 
-    def body() -> int:
-        import numpy as np
-        from torch.utils.data import Subset
+    from dinocell.data import make_dataset
+    from dinocell.eval.finetune import FinetuneSettings, finetune
 
-        from dinocell.data import make_dataset
-        from dinocell.eval.finetune import FinetuneSettings, finetune
-
-        settings = FinetuneSettings(
-            mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
-            warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay, layerwise_decay=args.layerwise_decay,
-            monitor=args.monitor, patience=args.patience, crop_scale=tuple(args.crop_scale), rotate90=args.rotate90,
-            quantize=args.quantize, seed=args.seed,
-        )
-        device = device_of(args)
-        model = load_model(args, device)
-        train = make_dataset(args.train)
-        classes = getattr(train, "classes", None)
-        num_classes = args.num_classes or (len(classes) if classes else None)
-        if not num_classes:
-            raise EvalError(f"{args.train} does not list its classes; give --num-classes")
-        if args.val:
-            val = make_dataset(args.val)
-        else:
-            if not 0 < args.val_fraction < 1:
-                raise EvalError(f"--val-fraction {args.val_fraction} must be in (0, 1)")
-            order = np.random.default_rng(args.seed).permutation(len(train))
-            n_val = max(1, round(args.val_fraction * len(train)))
-            train, val = Subset(train, sorted(order[n_val:].tolist())), Subset(train, sorted(order[:n_val].tolist()))
-        test = make_dataset(args.test) if args.test else None
-        description = {"train": args.train, "val": args.val or f"{args.val_fraction} of train",
-                       "model": model.description}
-        results = finetune(model.backbone, train, val, model.transform, args.output_dir, num_classes=num_classes,
-                           settings=settings, device=device, num_workers=args.num_workers, test_set=test,
-                           class_names=classes, description=description)
-        results.update(settings=description)
-        table = tables(results)
-        write_results(args.output_dir, "finetune", results, table)
-        print(f"{table}\nresults: {args.output_dir}/finetune.json, finetune.txt; best weights: "
-              f"{results['checkpoints']['best']}")
-        return 0
-
-    return run(PROG, body)
+    settings = FinetuneSettings(
+        mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+        warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay, layerwise_decay=args.layerwise_decay,
+        monitor=args.monitor, patience=args.patience, crop_scale=tuple(args.crop_scale), rotate90=args.rotate90,
+        quantize=args.quantize, seed=args.seed,
+    )
+    device = device_of(args)
+    model = load_model(args, device)
+    train = make_dataset(args.train)
+    classes = getattr(train, "classes", None)
+    num_classes = args.num_classes or (len(classes) if classes else None)
+    if not num_classes:
+        raise EvalError(f"{args.train} does not list its classes; give --num-classes")
+    if args.val:
+        val = make_dataset(args.val)
+    else:
+        if not 0 < args.val_fraction < 1:
+            raise EvalError(f"--val-fraction {args.val_fraction} must be in (0, 1)")
+        order = np.random.default_rng(args.seed).permutation(len(train))
+        n_val = max(1, round(args.val_fraction * len(train)))
+        train, val = Subset(train, sorted(order[n_val:].tolist())), Subset(train, sorted(order[:n_val].tolist()))
+    test = make_dataset(args.test) if args.test else None
+    description = {"train": args.train, "val": args.val or f"{args.val_fraction} of train",
+                   "model": model.description}
+    results = finetune(model.backbone, train, val, model.transform, args.output_dir, num_classes=num_classes,
+                       settings=settings, device=device, num_workers=args.num_workers, test_set=test,
+                       class_names=classes, description=description)
+    results.update(settings=description)
+    table = tables(results)
+    write_results(args.output_dir, "finetune", results, table)
+    print(f"{table}\nresults: {args.output_dir}/finetune.json, finetune.txt; best weights: "
+          f"{results['checkpoints']['best']}")
+    return 0
 
 
 if __name__ == "__main__":

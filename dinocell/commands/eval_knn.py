@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dinocell.commands.boundary import command
 from dinocell.commands.eval_setup import (
     Inputs,
     add_feature_option,
@@ -12,7 +13,6 @@ from dinocell.commands.eval_setup import (
     add_run_options,
     class_info,
     labelled,
-    run,
 )
 from dinocell.eval.errors import EvalError
 from dinocell.eval.report import format_table, percent, write_results
@@ -65,37 +65,34 @@ def tables(results: dict) -> str:
     return text + "\n\nper-class accuracy (recall)\n" + format_table(headers, per_class)
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from dinocell.eval.knn import knn_evaluate
 
-    def body() -> int:
-        from dinocell.eval.knn import knn_evaluate
-
-        kinds = tuple(args.features.split("+"))
-        inputs = Inputs(args, kinds)
-        train, test = inputs.features(args.train, "train"), inputs.features(args.test, "test")
-        (train_x, train_y), (test_x, test_y) = labelled(train, args.features, "--train"), labelled(
-            test, args.features, "--test")
-        num_classes, names = class_info(train, test)
-        ks = args.k or [k for k in DEFAULT_KS if k <= len(train_y)] or [len(train_y)]
-        if max(ks) > len(train_y):
-            raise EvalError(f"--k {max(ks)} is larger than the {len(train_y)} training samples")
-        device = inputs.device
-        scores = knn_evaluate(train_x.to(device), train_y, test_x.to(device), test_y, ks=ks,
-                              temperature=args.temperature, num_classes=num_classes, class_names=names)
-        results = {
-            "k": scores, "temperature": args.temperature, "features": args.features, "num_classes": num_classes,
-            "n_train": len(train_y), "n_test": len(test_y),
-            "bad_samples_skipped": {"train": train.bad_counts()["total"], "test": test.bad_counts()["total"]},
-            **inputs.description(),
-        }
-        table = tables(results)
-        write_results(args.output_dir, "knn", results, table)
-        print(f"k-NN: {len(train_y)} reference / {len(test_y)} query samples, {num_classes} classes, "
-              f"T={args.temperature}\n{table}\nresults: {args.output_dir}/knn.json, knn.txt")
-        return 0
-
-    return run(PROG, body)
+    kinds = tuple(args.features.split("+"))
+    inputs = Inputs(args, kinds)
+    train, test = inputs.features(args.train, "train"), inputs.features(args.test, "test")
+    (train_x, train_y), (test_x, test_y) = labelled(train, args.features, "--train"), labelled(
+        test, args.features, "--test")
+    num_classes, names = class_info(train, test)
+    ks = args.k or [k for k in DEFAULT_KS if k <= len(train_y)] or [len(train_y)]
+    if max(ks) > len(train_y):
+        raise EvalError(f"--k {max(ks)} is larger than the {len(train_y)} training samples")
+    device = inputs.device
+    scores = knn_evaluate(train_x.to(device), train_y, test_x.to(device), test_y, ks=ks,
+                          temperature=args.temperature, num_classes=num_classes, class_names=names)
+    results = {
+        "k": scores, "temperature": args.temperature, "features": args.features, "num_classes": num_classes,
+        "n_train": len(train_y), "n_test": len(test_y),
+        "bad_samples_skipped": {"train": train.bad_counts()["total"], "test": test.bad_counts()["total"]},
+        **inputs.description(),
+    }
+    table = tables(results)
+    write_results(args.output_dir, "knn", results, table)
+    print(f"k-NN: {len(train_y)} reference / {len(test_y)} query samples, {num_classes} classes, "
+          f"T={args.temperature}\n{table}\nresults: {args.output_dir}/knn.json, knn.txt")
+    return 0
 
 
 if __name__ == "__main__":

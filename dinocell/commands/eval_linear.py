@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dinocell.commands.boundary import command
 from dinocell.commands.eval_setup import (
     Inputs,
     add_feature_option,
@@ -12,7 +13,6 @@ from dinocell.commands.eval_setup import (
     add_run_options,
     class_info,
     labelled,
-    run,
 )
 from dinocell.eval.report import format_table, percent, write_results
 
@@ -69,32 +69,29 @@ def tables(results: dict) -> str:
     return text + "\n\nper-class test accuracy (recall)\n" + format_table(["class", "%"], per_class)
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from dinocell.eval.linear import linear_probe
 
-    def body() -> int:
-        from dinocell.eval.linear import linear_probe
-
-        inputs = Inputs(args, tuple(args.features.split("+")))
-        sets = {name: inputs.features(location, name)
-                for name, location in (("train", args.train), ("val", args.val), ("test", args.test)) if location}
-        data = {name: labelled(features, args.features, f"--{name}") for name, features in sets.items()}
-        num_classes, names = class_info(*sets.values())
-        device = inputs.device
-        on_device = {name: (x.to(device), y.to(device)) for name, (x, y) in data.items()}
-        results = linear_probe(on_device["train"], on_device["test"], val=on_device.get("val"),
-                               num_classes=num_classes, val_fraction=args.val_fraction,
-                               weight_decays=args.weight_decays, select_by=args.select_by, class_names=names,
-                               seed=args.seed)
-        results.update(features=args.features, num_classes=num_classes,
-                       bad_samples_skipped={n: s.bad_counts()["total"] for n, s in sets.items()},
-                       **inputs.description())
-        table = tables(results)
-        write_results(args.output_dir, "linear", results, table)
-        print(f"{table}\nresults: {args.output_dir}/linear.json, linear.txt")
-        return 0
-
-    return run(PROG, body)
+    inputs = Inputs(args, tuple(args.features.split("+")))
+    sets = {name: inputs.features(location, name)
+            for name, location in (("train", args.train), ("val", args.val), ("test", args.test)) if location}
+    data = {name: labelled(features, args.features, f"--{name}") for name, features in sets.items()}
+    num_classes, names = class_info(*sets.values())
+    device = inputs.device
+    on_device = {name: (x.to(device), y.to(device)) for name, (x, y) in data.items()}
+    results = linear_probe(on_device["train"], on_device["test"], val=on_device.get("val"),
+                           num_classes=num_classes, val_fraction=args.val_fraction,
+                           weight_decays=args.weight_decays, select_by=args.select_by, class_names=names,
+                           seed=args.seed)
+    results.update(features=args.features, num_classes=num_classes,
+                   bad_samples_skipped={n: s.bad_counts()["total"] for n, s in sets.items()},
+                   **inputs.description())
+    table = tables(results)
+    write_results(args.output_dir, "linear", results, table)
+    print(f"{table}\nresults: {args.output_dir}/linear.json, linear.txt")
+    return 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from dinocell.commands.eval_setup import Inputs, add_feature_option, add_model_options, add_run_options, run
+from dinocell.commands.boundary import command
+from dinocell.commands.eval_setup import Inputs, add_feature_option, add_model_options, add_run_options
 from dinocell.eval.report import format_table, write_results
 
 PROG = "dinocell eval profile-map"
@@ -67,36 +68,33 @@ def tables(summary: dict, maps: list[dict]) -> str:
         ["perturbation", "wells", "mAP", "p", "corrected p", "retrieved"], per)
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import pandas as pd
 
-    def body() -> int:
-        import pandas as pd
+    from dinocell.eval.profile_map import profile_map, read_table
 
-        from dinocell.eval.profile_map import profile_map, read_table
-
-        inputs = Inputs(args, tuple(args.features.split("+")))
-        fields = inputs.features(args.input, "input")
-        result = profile_map(
-            fields.matrix(args.features), pd.DataFrame(fields.meta),
-            metadata=[read_table(p) for p in args.metadata],
-            controls=read_table(args.controls) if args.controls else None,
-            plates=read_table(args.plates) if args.plates else None,
-            plate_types=args.plate_types, negcon=args.negcon, perturbation_column=args.perturbation_column,
-            null_size=args.null_size, threshold=args.threshold, seed=args.seed,
-        )
-        summary = {**result["summary"], "bad_samples_skipped": fields.bad_counts()["total"],
-                   "features": args.features}
-        maps = result["perturbations"].to_dict(orient="records")
-        out = Path(args.output_dir)
-        write_results(out, "profile-map", {"summary": summary, "perturbations": maps, **inputs.description()},
-                      tables(summary, maps))
-        result["wells"].to_csv(out / "profile-map-wells.csv", index=False)
-        print(format_table(["", "value"], [[k, v] for k, v in summary.items() if not isinstance(v, list)]))
-        print(f"results: {out}/profile-map.json, profile-map.txt (per perturbation), profile-map-wells.csv")
-        return 0
-
-    return run(PROG, body)
+    inputs = Inputs(args, tuple(args.features.split("+")))
+    fields = inputs.features(args.input, "input")
+    result = profile_map(
+        fields.matrix(args.features), pd.DataFrame(fields.meta),
+        metadata=[read_table(p) for p in args.metadata],
+        controls=read_table(args.controls) if args.controls else None,
+        plates=read_table(args.plates) if args.plates else None,
+        plate_types=args.plate_types, negcon=args.negcon, perturbation_column=args.perturbation_column,
+        null_size=args.null_size, threshold=args.threshold, seed=args.seed,
+    )
+    summary = {**result["summary"], "bad_samples_skipped": fields.bad_counts()["total"],
+               "features": args.features}
+    maps = result["perturbations"].to_dict(orient="records")
+    out = Path(args.output_dir)
+    write_results(out, "profile-map", {"summary": summary, "perturbations": maps, **inputs.description()},
+                  tables(summary, maps))
+    result["wells"].to_csv(out / "profile-map-wells.csv", index=False)
+    print(format_table(["", "value"], [[k, v] for k, v in summary.items() if not isinstance(v, list)]))
+    print(f"results: {out}/profile-map.json, profile-map.txt (per perturbation), profile-map-wells.csv")
+    return 0
 
 
 if __name__ == "__main__":

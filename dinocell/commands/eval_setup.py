@@ -1,5 +1,5 @@
-"""What the `dinocell eval <task>` commands share: model options, the model and its eval view, inputs that are
-either exported feature directories or dataset strings, and the boundary that turns user errors into one line.
+"""What the `dinocell eval <task>` commands share: model options, the model and its eval view, and inputs that are
+either exported feature directories or dataset strings.
 
 The model options mirror the config keys they set, so a run's own `config.yaml` (--config-file) reproduces its eval
 view (crop size, channels, normalisation) and the options only override it.
@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from dinocell.commands.boundary import add_debug_option
 from dinocell.eval.errors import EvalError
 
 # option -> config key it overrides
@@ -52,6 +51,7 @@ def add_run_options(parser: argparse.ArgumentParser, batch_size: int = 64) -> No
     add("--num-workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
         help="data-loading worker processes (default: min(4, CPUs))")
     add("--device", metavar="DEV", help="torch device (default: cuda if available, else cpu)")
+    add_debug_option(parser)
 
 
 def device_of(args: argparse.Namespace) -> torch.device:
@@ -81,11 +81,7 @@ def load_model(args: argparse.Namespace, device: torch.device, *, verbose: bool 
     torch.manual_seed(args.seed)
     backbone = build_backbone(s.arch, **s.backbone_kwargs())
     if args.checkpoint:
-        try:
-            report = load_pretrained(backbone, args.checkpoint)
-        except ValueError as error:
-            raise EvalError(str(error)) from None
-        message = str(report)
+        message = str(load_pretrained(backbone, args.checkpoint))
     else:
         message = f"no --checkpoint: a randomly initialised {s.arch} (seed {args.seed}), the baseline"
     if verbose:
@@ -137,19 +133,6 @@ class Inputs:
 
     def description(self) -> dict[str, Any]:
         return {"inputs": self.sources, **({"model": self.model.description} if self.model else {})}
-
-
-def run(prog: str, body: Callable[[], int]) -> int:
-    """Run a command body; a user error (bad value, missing file or optional package, bad dataset string or
-    config) becomes one line on stderr and exit code 2. Anything else is a bug and keeps its traceback."""
-    from dinocell.config import ConfigError
-    from dinocell.data.registry import DatasetStringError
-
-    try:
-        return body()
-    except (EvalError, ConfigError, DatasetStringError, FileNotFoundError, ImportError) as error:
-        print(f"{prog}: {error}", file=sys.stderr)
-        return 2
 
 
 def labelled(features: Any, kind: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dinocell.commands.boundary import add_debug_option, command
+
 EXAMPLES = """\
 examples:
   # 4 nodes x 8 GPUs with the Kubeflow training operator, run directory on a ReadWriteMany claim
@@ -51,26 +53,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="s3:// output: seconds between uploads (default %(default)s)")
     parser.add_argument("--sync-image", default=AWS_CLI_IMAGE, help="s3:// output: AWS CLI image (default %(default)s)")
     parser.add_argument("-o", "--out", type=Path, default=None, help="write the YAML here instead of stdout")
+    add_debug_option(parser)
     return parser
 
 
+@command("dinocell k8s")
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_intermixed_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
 
     from dinocell.commands.common import load_checked_config
-    from dinocell.config import ConfigError, config_to_yaml
+    from dinocell.config import config_to_yaml
     from dinocell.run import k8s
 
-    try:
-        run = k8s.K8sRun(
-            name=args.name, image=args.image, output=args.output, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-            cpus_per_node=args.cpus, memory_gb=args.memory_gb, namespace=args.namespace, s3_secret=args.s3_secret,
-            sync_interval_s=args.sync_interval_s, sync_image=args.sync_image,
-        )
-        cfg = load_checked_config(args.config_file, [*args.overrides, f"train.output_dir={run.run_dir}"])
-    except (ValueError, ConfigError, FileNotFoundError) as err:
-        parser.error(str(err))
+    run = k8s.K8sRun(
+        name=args.name, image=args.image, output=args.output, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        cpus_per_node=args.cpus, memory_gb=args.memory_gb, namespace=args.namespace, s3_secret=args.s3_secret,
+        sync_interval_s=args.sync_interval_s, sync_image=args.sync_image,
+    )
+    cfg = load_checked_config(args.config_file, [*args.overrides, f"train.output_dir={run.run_dir}"])
     manifests = k8s.to_yaml(k8s.render(run, config_to_yaml(cfg), args.kind))
     if args.out is None:
         sys.stdout.write(manifests)

@@ -7,8 +7,10 @@ import json
 import os
 from pathlib import Path
 
+from dinocell.commands.boundary import add_debug_option, command
 from dinocell.data import make_dataset
 from dinocell.data.mean_std import compute_mean_std
+from dinocell.errors import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,15 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes (default min(8, CPUs))"
     )
     parser.add_argument("--batch-size", type=int, default=16, help="images per worker task (default 16)")
+    add_debug_option(parser)
     return parser
 
 
+@command("dinocell mean-std")
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     dataset = make_dataset(args.dataset)
     if getattr(dataset, "mean", None) is not None:
-        parser.error(f"'{args.dataset}' already standardises its images (stats=...): give the string without stats=")
+        raise UsageError(f"'{args.dataset}' already standardises its images (stats=...): give the string without "
+                         "stats=")
     stats = compute_mean_std(dataset, args.fraction, args.seed, args.num_workers, args.batch_size)
     stats.update(dataset=args.dataset, fraction=args.fraction, seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)

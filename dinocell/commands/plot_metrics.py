@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from dinocell.commands.boundary import add_debug_option, command
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -18,18 +20,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run's output directory (train.output_dir)")
     parser.add_argument("--out", type=Path, metavar="PNG", help="output file (default: RUN_DIR/training_curves.png)")
+    add_debug_option(parser)
     return parser
 
 
+@command("dinocell plot-metrics")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dinocell.eval.curves import plot_curves
 
-    try:
-        path = plot_curves(args.run_dir, args.out)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"dinocell plot-metrics: {error}", file=sys.stderr)
-        return 2
+    path = plot_curves(args.run_dir, args.out)
     print(f"wrote {path}")
     return 0
 

@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from dinocell.commands.boundary import add_debug_option, command
+
 EXAMPLES = """\
 examples:
   # 2 nodes x 8 GPUs, 2 days; prints the job id; logs in runs/vits8/slurm/
@@ -63,26 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requeues after reaching the time limit before giving up (default %(default)s; "
                        "preemptions do not count)")
     parser.add_argument("--dry-run", action="store_true", help="print the batch script and submit nothing")
+    add_debug_option(parser)
     return parser
 
 
+@command("dinocell submit")
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_intermixed_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
 
-    from dinocell.config import ConfigError
     from dinocell.run import submit
 
-    try:
-        resources = submit.SlurmResources(
-            nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
-            cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, time_min=submit.parse_time_minutes(args.time),
-            partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
-            exclude=args.exclude, comment=args.comment, signal_delay_s=args.signal_delay_s,
-        )
-        cfg = submit.load_run_config(args.config_file, args.overrides, args.output_dir)
-    except (ValueError, ConfigError, FileNotFoundError) as err:
-        parser.error(str(err))
+    resources = submit.SlurmResources(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, time_min=submit.parse_time_minutes(args.time),
+        partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
+        exclude=args.exclude, comment=args.comment, signal_delay_s=args.signal_delay_s,
+    )
+    cfg = submit.load_run_config(args.config_file, args.overrides, args.output_dir)
     parameters = submit.sbatch_parameters(resources, cfg)
     if args.dry_run:
         print(submit.batch_script(cfg, parameters))

@@ -16,6 +16,9 @@ from typing import Any
 
 import torch
 
+from dinocell.commands.boundary import add_debug_option, command
+from dinocell.errors import UsageError
+
 EXAMPLE_MODEL = "--config-file run/config.yaml --checkpoint run/eval/final/teacher_checkpoint.pth"
 EXAMPLES = {
     "attention": f"dinocell viz attention {EXAMPLE_MODEL} --dataset SyntheticCellPainting:split=test --num-images 4 "
@@ -34,6 +37,7 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
                         "normalisation)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. student.arch=vit_small crops.global_crops_size=448")
+    add_debug_option(parser)
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
@@ -121,12 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> Any:
     from dinocell.commands.common import load_checked_config
-    from dinocell.config import ConfigError
 
-    try:
-        return load_checked_config(args.config_file, args.overrides)
-    except ConfigError as error:
-        raise SystemExit(f"dinocell viz {args.figure}: {error}") from None
+    return load_checked_config(args.config_file, args.overrides)
 
 
 def _backbone(cfg: Any, args: argparse.Namespace) -> tuple[torch.nn.Module, torch.device]:
@@ -147,7 +147,7 @@ def _dataset(args: argparse.Namespace) -> Any:
     if args.images:
         overrides = [str(p) for p in args.images if "=" in p.name and not p.exists()]
         if overrides:
-            raise ValueError(f"--images got {overrides}, which look like config overrides: put KEY=VALUE overrides "
+            raise UsageError(f"--images got {overrides}, which look like config overrides: put KEY=VALUE overrides "
                              "before --images (which takes every value after it)")
         from dinocell.eval.image_files import ImageFiles
 
@@ -161,10 +161,10 @@ def _indices(args: argparse.Namespace, size: int) -> list[int]:
     if args.indices:
         bad = [i for i in args.indices if not 0 <= i < size]
         if bad:
-            raise SystemExit(f"dinocell viz {args.figure}: indices {bad} out of range; the images have {size} samples")
+            raise UsageError(f"--indices {bad} out of range: the images have {size} samples (0..{size - 1})")
         return list(args.indices)
     if args.num_images < 1:
-        raise SystemExit(f"dinocell viz {args.figure}: --num-images must be >= 1, got {args.num_images}")
+        raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
     return list(range(min(args.num_images, size)))
 
 
@@ -246,7 +246,7 @@ def _embedding(args: argparse.Namespace) -> list[Path]:
     dataset = _dataset(args)
     if args.max_samples is not None:
         if args.max_samples < 1:
-            raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}")
+            raise UsageError(f"--max-samples must be >= 1, got {args.max_samples}")
         count = min(args.max_samples, len(dataset))
         dataset = Subset(dataset, [i * len(dataset) // count for i in range(count)])
     features, records = extract_cls_records(backbone, dataset, _model_view(cfg),
@@ -273,14 +273,11 @@ def _montage(args: argparse.Namespace) -> list[Path]:
     return [save_png(picture, args.out)]
 
 
+@command("dinocell viz")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run = {"attention": _attention, "pca": _pca, "embedding": _embedding, "montage": _montage}[args.figure]
-    try:
-        written = run(args)
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"dinocell viz {args.figure}: {error}", file=sys.stderr)
-        return 2
+    written = run(args)
     print(f"wrote {len(written)} file(s):")
     for path in written:
         print(f"  {path}")

@@ -15,14 +15,16 @@ import typing
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from dinocell.config.schema import SSLConfig, section_types
+from dinocell.errors import UserError
 
 BASE_KEY = "_base_"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration key that does not exist, or a value of the wrong type or out of range."""
 
 
@@ -43,7 +45,7 @@ def load_config(config_file: str | pathlib.Path | None = None, overrides: Sequen
     for layer, origin in layers:
         plain = OmegaConf.to_container(layer, resolve=True)
         _check_known_keys(plain, reference, origin)
-        for key, value in _leaves(plain):
+        for key, value in leaves(plain):
             _check_type(key, value, types_[key], origin)
             origins[key] = origin
     merged = OmegaConf.merge(schema, *(layer for layer, _ in layers))
@@ -96,7 +98,10 @@ def _file_layers(path: pathlib.Path, chain: tuple[pathlib.Path, ...]) -> list[tu
     if not path.is_file():
         where = f" (named as {BASE_KEY} in {chain[-1]})" if chain else ""
         raise ConfigError(f"config file '{path}' does not exist{where}")
-    layer = OmegaConf.load(path)
+    try:
+        layer = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(layer, DictConfig):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections, not a {type(layer).__name__}")
     layers: list[tuple[DictConfig, str]] = []
@@ -108,11 +113,11 @@ def _file_layers(path: pathlib.Path, chain: tuple[pathlib.Path, ...]) -> list[tu
     return [*layers, (layer, f"config file '{path}'")]
 
 
-def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+def leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """(dotted key, value) for every leaf of a plain nested dict; lists are leaves."""
     if isinstance(node, dict):
         for key, value in node.items():
-            yield from _leaves(value, f"{prefix}{key}.")
+            yield from leaves(value, f"{prefix}{key}.")
     else:
         yield prefix[:-1], node
 
@@ -121,8 +126,8 @@ def _check_known_keys(layer: dict, reference: dict, origin: str, prefix: str = "
     for key, value in layer.items():
         dotted = f"{prefix}{key}"
         if key not in reference:
-            wrong = next(iter(_leaves(value, f"{dotted}.")))[0] if isinstance(value, dict) and value else dotted
-            valid = [k for k, _ in _leaves(reference, prefix)]
+            wrong = next(iter(leaves(value, f"{dotted}.")))[0] if isinstance(value, dict) and value else dotted
+            valid = [k for k, _ in leaves(reference, prefix)]
             close = difflib.get_close_matches(wrong, valid, n=1, cutoff=0.5) or [
                 f"{prefix}{k}" for k in difflib.get_close_matches(str(key), list(reference), n=1, cutoff=0.4)
             ]

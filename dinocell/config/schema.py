@@ -363,6 +363,7 @@ class CheckpointingConfig:
     period: int = 1250
     max_to_keep: int = 3
     best_metric: str = "val_loss"
+    save_on_sigterm: bool = True
 
     def problems(self) -> Problems:
         yield from _positive(self, "period", "max_to_keep")

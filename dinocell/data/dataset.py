@@ -12,6 +12,13 @@ from typing import Any, TypedDict
 import torch
 from torch.utils.data import Dataset
 
+from dinocell.errors import UserError
+
+
+class DatasetError(UserError, ValueError):
+    """A dataset that cannot be built or read as configured: a bad key value, an empty or missing location, files
+    that do not match the keys. Raised by the dataset families; the message names the dataset, the value and the fix."""
+
 
 class _RequiredSampleKeys(TypedDict):
     image: torch.Tensor  # float32 [C, H, W]; the dataset's own normalisation applied, no augmentation

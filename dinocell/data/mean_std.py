@@ -12,7 +12,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dinocell.data.dataset import DatasetError
 from dinocell.data.io.bad_files import is_substitute
+from dinocell.errors import UsageError
 from dinocell.logging.progress import Progress
 
 Sums = tuple[torch.Tensor, torch.Tensor, int]  # per-channel sum [C], sum of squares [C], pixels per channel
@@ -42,7 +44,7 @@ def _add_up(items: list[Sums | None]) -> tuple[Sums | None, int, int]:
     good = [item for item in items if item is not None]
     channels = {s.shape[0] for s, _, _ in good}
     if len(channels) > 1:
-        raise ValueError(f"images have different channel counts {sorted(channels)}; select channels explicitly")
+        raise DatasetError(f"images have different channel counts {sorted(channels)}; select channels explicitly")
     sums = (sum(s for s, _, _ in good), sum(q for _, q, _ in good), sum(n for _, _, n in good)) if good else None
     return sums, len(good), len(items) - len(good)
 
@@ -50,7 +52,7 @@ def _add_up(items: list[Sums | None]) -> tuple[Sums | None, int, int]:
 def choose_indices(n: int, fraction: float, seed: int) -> list[int]:
     """A seeded random subset of round(fraction * n) indices (at least 1), in ascending order."""
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"--fraction {fraction} must be in (0, 1], e.g. 0.2")
+        raise UsageError(f"--fraction {fraction} must be in (0, 1], e.g. 0.2")
     count = max(1, round(fraction * n))
     return sorted(np.random.default_rng(seed).choice(n, size=count, replace=False).tolist())
 
@@ -74,11 +76,11 @@ def compute_mean_std(
                 continue
             s, q, n = sums
             if total is not None and s.shape != total.shape:
-                raise ValueError(f"images have different channel counts ({len(total)} and {len(s)})")
+                raise DatasetError(f"images have different channel counts ({len(total)} and {len(s)})")
             total, squares = (s, q) if total is None else (total + s, squares + q)
             pixels += n
     if total is None:
-        raise ValueError(f"all {len(indices)} chosen images are bad files (see the warnings); nothing to average")
+        raise DatasetError(f"all {len(indices)} chosen images are bad files (see the warnings); nothing to average")
     mean = total / pixels
     std = (squares / pixels - mean * mean).clamp_min(0).sqrt()
     return {"mean": mean.tolist(), "std": std.tolist(), "n_images": images, "n_skipped": skipped, "n_pixels": pixels}

@@ -13,6 +13,8 @@ from typing import Literal, get_args
 
 import torch
 
+from dinocell.data.dataset import DatasetError
+
 # The type of a dataset's `normalization=` key: the registry checks dataset strings against it.
 Normalization = Literal["percentile", "zscore", "minmax", "none"]
 NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
@@ -21,7 +23,7 @@ NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
 def check_normalization(method: str, owner: str) -> None:
     """Fail when a dataset is built, not at its first sample in a worker."""
     if method not in NORMALIZATIONS:
-        raise ValueError(f"{owner}: normalization='{method}' is not one of {', '.join(NORMALIZATIONS)}")
+        raise DatasetError(f"{owner}: normalization='{method}' is not one of {', '.join(NORMALIZATIONS)}")
 
 
 def percentile_normalize(image: torch.Tensor, low: float = 0.1, high: float = 99.9) -> torch.Tensor:
@@ -70,12 +72,12 @@ def load_channel_stats(path: Path, owner: str) -> tuple[torch.Tensor, torch.Tens
         values = json.loads(Path(path).read_text())
         mean, std = (torch.tensor(values[k], dtype=torch.float32).view(-1, 1, 1) for k in ("mean", "std"))
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(
+        raise DatasetError(
             f"{owner}: stats '{path}' is not a readable statistics file ({type(error).__name__}: {error}); expected "
             'JSON {"mean": [...], "std": [...]} as written by `dinocell mean-std`'
         ) from None
     if mean.shape != std.shape or not bool((std > 0).all()):
-        raise ValueError(f"{owner}: stats '{path}' needs as many means as stds and every std > 0, got {values}")
+        raise DatasetError(f"{owner}: stats '{path}' needs as many means as stds and every std > 0, got {values}")
     return mean, std
 
 

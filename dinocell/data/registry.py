@@ -24,7 +24,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, Literal, Union
 
-from dinocell.data.dataset import SampleDataset
+from dinocell.data.dataset import DatasetError, SampleDataset
 
 _REGISTRY: dict[str, type] = {}  # every accepted name (canonical and aliases) -> class
 _CANONICAL: dict[str, type] = {}  # canonical names only, for listings
@@ -34,7 +34,7 @@ _NONE = ("none", "null")
 _NOT_KEYS = ("self", "transform")  # constructor parameters that a dataset string cannot set
 
 
-class DatasetStringError(ValueError):
+class DatasetStringError(DatasetError):
     """A dataset string that names no registered dataset, an unknown key, or a value of the wrong type."""
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dinocell.eval.errors import EvalError
 from dinocell.eval.render import labelled, overlay, safe_stem, save_gif, save_png, tile_factor, tile_grid, upsample
 
 DEFAULT_MASS_SHARE = 0.6  # DINO keeps the patches that hold 60 % of the attention mass
@@ -50,7 +51,7 @@ def attention_mass_mask(maps: torch.Tensor, share: float = DEFAULT_MASS_SHARE) -
     attention adds up to at least `share` of the map's total (DINO's rule: a patch is kept while the patches
     brighter than it hold less than `share`)."""
     if not 0.0 < share <= 1.0:
-        raise ValueError(f"attention mass share must be in (0, 1], got {share}; DINO uses 0.6")
+        raise EvalError(f"attention mass share must be in (0, 1], got {share}; DINO uses 0.6")
     flat = maps.flatten(-2)
     values, order = flat.sort(dim=-1, descending=True)
     before = (values.cumsum(dim=-1) - values) / values.sum(dim=-1, keepdim=True)

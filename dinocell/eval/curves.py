@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from dinocell.eval.errors import EvalError
 from dinocell.logging.sinks import METRICS_FILE
 
 logger = logging.getLogger("dinocell")
@@ -48,9 +49,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
                 logger.warning("%s: skipping the incomplete last line %d (a run stopped while writing it)", path,
                                number)
                 continue
-            raise ValueError(f"{path}:{number} is not a JSON object ({error}); expected one record per line") from None
+            raise EvalError(f"{path}:{number} is not a JSON object ({error}); expected one record per line") from None
         if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
-            raise ValueError(f"{path}:{number} has no integer 'iteration'; expected a dinocell metrics record")
+            raise EvalError(f"{path}:{number} has no integer 'iteration'; expected a dinocell metrics record")
         iteration = record["iteration"]
         while records and records[-1]["iteration"] >= iteration:  # a restart: later lines supersede these
             records.pop()
@@ -91,7 +92,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}; expected a dinocell run directory (train.output_dir)")
     records = read_metrics(metrics_path)
     if not records:
-        raise ValueError(f"{metrics_path} holds no records yet; the first appears after train.log_every iterations")
+        raise EvalError(f"{metrics_path} holds no records yet; the first appears after train.log_every iterations")
     knn = read_knn(run_dir, records[-1]["iteration"])
     width, height = FIGURE_SIZE_PX
     fig, axes = plt.subplots(3, 3, figsize=(width / FIGURE_DPI, height / FIGURE_DPI), dpi=FIGURE_DPI)

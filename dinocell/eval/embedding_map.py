@@ -20,6 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from dinocell.errors import MissingDependencyError
+from dinocell.eval.errors import EvalError
+
 METHODS = ("umap", "pca")
 FIGURE_SIZE_PX = (800, 600)
 FIGURE_DPI = 100
@@ -71,7 +74,7 @@ def extract_cls_records(
     finally:
         model.train(was_training)
     if not records:
-        raise ValueError("the dataset is empty; an embedding map needs at least one sample")
+        raise EvalError("the dataset is empty; an embedding map needs at least one sample")
     return torch.cat(features), records
 
 
@@ -82,7 +85,7 @@ def colour_values(records: Sequence[dict[str, Any]], column: str, classes: Seque
         available = sorted({key for r in records for key in r} - {"id"})
         closest = difflib.get_close_matches(column, available, n=1)
         hint = f" (closest: {closest[0]!r})" if closest else ""
-        raise ValueError(f"colour column {column!r} is missing from {len(missing)} sample(s), e.g. {missing[0]!r}; "
+        raise EvalError(f"colour column {column!r} is missing from {len(missing)} sample(s), e.g. {missing[0]!r}; "
                          f"columns these samples have: {', '.join(available)}{hint}")
     values = [r[column] for r in records]
     if column == "label" and classes:
@@ -96,21 +99,23 @@ def embed_2d(
     """[N, D] features -> [N, 2] float coordinates."""
     if method not in METHODS:
         closest = difflib.get_close_matches(method, METHODS, n=1, cutoff=0.0)[0]
-        raise ValueError(f"unknown embedding method {method!r}; expected one of {', '.join(METHODS)} "
+        raise EvalError(f"unknown embedding method {method!r}; expected one of {', '.join(METHODS)} "
                          f"(closest: {closest!r})")
     n = features.shape[0]
     if method == "pca":
         if n < 2:
-            raise ValueError(f"a PCA map needs at least 2 samples, got {n}")
+            raise EvalError(f"a PCA map needs at least 2 samples, got {n}")
         centred = features.double() - features.double().mean(dim=0)
         _, _, vh = torch.linalg.svd(centred, full_matrices=False)
         return (centred @ vh[:2].T).numpy().astype(np.float32)
     if n < 4:
-        raise ValueError(f"UMAP needs at least 4 samples, got {n}; use method 'pca' for fewer")
+        raise EvalError(f"UMAP needs at least 4 samples, got {n}; use method 'pca' for fewer")
     try:
         import umap
     except ImportError as error:
-        raise ImportError("UMAP maps need umap-learn: pip install 'dinocell[viz]' (or use method 'pca')") from error
+        raise MissingDependencyError(
+            "UMAP maps need umap-learn: pip install 'dinocell[viz]' (or use method 'pca')"
+        ) from error
     reducer = umap.UMAP(n_neighbors=min(n_neighbors, n - 1), min_dist=min_dist, metric="cosine", random_state=seed,
                         n_jobs=1)
     return reducer.fit_transform(features.numpy()).astype(np.float32)

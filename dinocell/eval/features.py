@@ -239,7 +239,7 @@ def extract_features(
     order: the input of k-NN. `model(x)` may also be any module returning one vector per image."""
     features = extract(model, dataset, transform, batch_size=batch_size, num_workers=num_workers, device=device)
     if not len(features):
-        raise ValueError("extract_features got an empty dataset; expected at least one sample")
+        raise EvalError("extract_features got an empty dataset; expected at least one sample")
     cls = F.normalize(torch.from_numpy(features.features["cls"]), p=2, dim=-1)
     return cls, torch.from_numpy(features.labels)
 

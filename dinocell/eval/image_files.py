@@ -18,6 +18,7 @@ from PIL import Image
 from dinocell.data.dataset import SampleDataset
 from dinocell.data.datasets.single_cell import channels_first
 from dinocell.data.normalize import minmax_normalize
+from dinocell.eval.errors import EvalError
 
 SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npz")
 NPZ_KEYS = ("image", "array")
@@ -32,7 +33,7 @@ def read_image_file(path: Path) -> np.ndarray:
         with np.load(path, allow_pickle=False) as npz:
             key = next((k for k in NPZ_KEYS if k in npz.files), npz.files[0] if len(npz.files) == 1 else None)
             if key is None:
-                raise ValueError(f"{path}: NPZ arrays {npz.files}; expected one named {' or '.join(NPZ_KEYS)}")
+                raise EvalError(f"{path}: NPZ arrays {npz.files}; expected one named {' or '.join(NPZ_KEYS)}")
             return channels_first(npz[key])
     with Image.open(path) as image:
         if image.mode not in ("L", "I", "I;16", "F", "RGB"):
@@ -49,7 +50,7 @@ class ImageFiles(SampleDataset):
             if not path.is_file():
                 raise FileNotFoundError(f"image file {path} does not exist")
             if path.suffix.lower() not in SUFFIXES:
-                raise ValueError(
+                raise EvalError(
                     f"{path}: unsupported file type {path.suffix!r}; expected one of {', '.join(SUFFIXES)}"
                 )
 

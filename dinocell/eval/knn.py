@@ -13,33 +13,34 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from dinocell.eval.errors import EvalError
 from dinocell.eval.metrics import classification_metrics
 
 
 def _check(train_feats, train_labels, test_feats, test_labels, ks, temperature, num_classes) -> None:
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
-        raise ValueError(
+        raise EvalError(
             f"features must be [N, D] with the same D, got train {tuple(train_feats.shape)}, "
             f"test {tuple(test_feats.shape)}"
         )
     if train_labels.shape != (train_feats.shape[0],) or test_labels.shape != (test_feats.shape[0],):
-        raise ValueError(
+        raise EvalError(
             f"labels must be [N] matching the features: train {tuple(train_labels.shape)} for "
             f"{train_feats.shape[0]} rows, test {tuple(test_labels.shape)} for {test_feats.shape[0]} rows"
         )
     for k in ks:
         if not 1 <= k <= train_feats.shape[0]:
-            raise ValueError(f"k={k} must be between 1 and the number of training samples ({train_feats.shape[0]})")
+            raise EvalError(f"k={k} must be between 1 and the number of training samples ({train_feats.shape[0]})")
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}; DINO uses 0.07")
+        raise EvalError(f"temperature must be > 0, got {temperature}; DINO uses 0.07")
     for name, labels in (("train", train_labels), ("test", test_labels)):
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(
+            raise EvalError(
                 f"{name} labels must lie in [0, {num_classes - 1}] (num_classes={num_classes}), found "
                 f"[{int(labels.min())}, {int(labels.max())}]; -1 marks an unlabelled sample, which k-NN cannot use"
             )
     if test_feats.shape[0] == 0:
-        raise ValueError("k-NN got no test samples")
+        raise EvalError("k-NN got no test samples")
 
 
 def knn_evaluate(

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dinocell.eval.errors import EvalError
 from dinocell.eval.render import labelled, safe_stem, save_png, tile_factor, tile_grid, upsample
 
 SCALE_PERCENTILES = (0.01, 0.99)
@@ -51,7 +52,7 @@ def patch_tokens(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def fit_pca(tokens: torch.Tensor, n_components: int = 3) -> PatchPCA:
     """Principal axes of tokens [M, D] (M >= n_components) by SVD of the centred matrix."""
     if tokens.ndim != 2 or tokens.shape[0] < n_components or tokens.shape[1] < n_components:
-        raise ValueError(f"PCA of {n_components} components needs tokens [M, D] with M, D >= {n_components}, "
+        raise EvalError(f"PCA of {n_components} components needs tokens [M, D] with M, D >= {n_components}, "
                          f"got {tuple(tokens.shape)}")
     tokens = tokens.float()
     mean = tokens.mean(dim=0)
@@ -73,12 +74,12 @@ def pca_feature_maps(
     if foreground_threshold is None:
         return pca.scaled(tokens), None
     if not 0.0 < foreground_threshold < 1.0:
-        raise ValueError(f"foreground threshold must be in (0, 1) (on the scaled first component), got "
+        raise EvalError(f"foreground threshold must be in (0, 1) (on the scaled first component), got "
                          f"{foreground_threshold}; DINOv2's demo used about 0.5")
     first = pca.scaled(tokens)[..., 0]
     foreground = (first < foreground_threshold) if invert else (first > foreground_threshold)
     if int(foreground.sum()) < 3:
-        raise ValueError(f"only {int(foreground.sum())} foreground patches at threshold {foreground_threshold}; "
+        raise EvalError(f"only {int(foreground.sum())} foreground patches at threshold {foreground_threshold}; "
                          "lower the threshold or flip the side with invert")
     rgb = fit_pca(tokens[foreground]).scaled(tokens) * foreground.unsqueeze(-1)
     return rgb, foreground

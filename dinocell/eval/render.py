@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from dinocell.data.normalize import percentile_normalize
+from dinocell.eval.errors import EvalError
 
 STAIN_COLOURS: dict[str, tuple[float, float, float]] = {
     "DNA": (0.0, 0.3, 1.0),
@@ -43,10 +44,10 @@ def channel_colours(n_channels: int, names: Sequence[str] | None = None) -> np.n
     """[C, 3] RGB weight of each channel (see the module docstring for the map)."""
     if names is not None:
         if len(names) != n_channels:
-            raise ValueError(f"got {len(names)} channel names {list(names)} for an image with {n_channels} channels")
+            raise EvalError(f"got {len(names)} channel names {list(names)} for an image with {n_channels} channels")
         unknown = [n for n in names if n not in STAIN_COLOURS]
         if unknown:
-            raise ValueError(f"no colour for channel name(s) {unknown}; known stains: {', '.join(STAIN_COLOURS)}")
+            raise EvalError(f"no colour for channel name(s) {unknown}; known stains: {', '.join(STAIN_COLOURS)}")
         return np.array([STAIN_COLOURS[n] for n in names], dtype=np.float32)
     if n_channels == 1:
         return np.ones((1, 3), dtype=np.float32)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from dinocell.errors import UserError
 from dinocell.models.backbones import Backbone
 from dinocell.models.resnet import RESNET_ARCHS, ResNetBackbone
 from dinocell.models.vision_transformer import ARCHS, DinoVisionTransformer, build_vit
@@ -45,7 +46,7 @@ BACKBONE_KEY = re.compile(
 UNLEARNED_BUFFERS = re.compile(r"^(rope_embed\.periods|blocks\.\d+\.attn\.qkv\.bias_mask|.*\.num_batches_tracked)$")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """Weights that cannot be loaded into the backbone (unreadable, another model, another architecture, not
     downloadable); the message is one line saying why and what to change."""
 
@@ -67,7 +68,7 @@ class LoadReport:
         )
 
 
-def _why_unreadable(error: Exception) -> str:
+def why_unreadable(error: Exception) -> str:
     """A short reason from a loader error, without torch's advice on weights_only (which does not apply here)."""
     text = str(error)
     if isinstance(error, pickle.UnpicklingError):
@@ -86,7 +87,7 @@ def _read_file(path: Path) -> Mapping:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
         raise WeightsError(
-            f"{path} is not a readable checkpoint ({_why_unreadable(e)}); expected a PyTorch state dict saved with "
+            f"{path} is not a readable checkpoint ({why_unreadable(e)}); expected a PyTorch state dict saved with "
             "torch.save or a .safetensors file: it may be truncated, corrupt, or another kind of file"
         ) from None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import random
+import signal
 from collections.abc import Callable
 
 import numpy as np
@@ -50,7 +51,12 @@ class PositionedDataset(Dataset):
 
 
 def _seed_worker(seed: int, rank: int, worker_id: int) -> None:
-    """Seed global RNGs per (seed, rank, worker) for datasets with internal randomness; crops never use them."""
+    """Seed global RNGs per (seed, rank, worker) for datasets with internal randomness; crops never use them.
+
+    Also ignore SIGTERM: a scheduler signals the whole process group, and a worker killed under the training process
+    would abort the checkpoint it writes before stopping (dinocell.train.signals); the training process ends its
+    workers itself, and they exit when it dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     worker_seed = derive_seed(seed, SeedStream.WORKER, rank, worker_id)
     random.seed(worker_seed)
     np.random.seed(worker_seed % 2**32)

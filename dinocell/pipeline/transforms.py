@@ -9,6 +9,8 @@ snaps to even pixels (at most one source pixel of shift, far below one output pi
 Channel rule (every crop ends with exactly `in_chans` channels): a view gives either all C channels of the sample
 (`all`) or one channel (`mean` = average of the channels, `single` = one random channel). One channel is replicated
 to `in_chans`; `all` into a 1-channel model becomes `mean`; `all` with C != in_chans (and neither is 1) is an error.
+Settings that do not fit the data (channel counts, masks, RGB colour augmentation) raise ConfigError: the fix is a
+config key, and training checks the first sample before it starts (dinocell.train.preflight).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from dinocell.config.loading import ConfigError
 from dinocell.config.schema import GLOBAL_CROP_GROUPS, CropsConfig
 from dinocell.pipeline.augmentations import (
     add_gaussian_noise,
@@ -47,7 +50,7 @@ def resolve_view(view: str, n_channels: int, in_chans: int, where: str) -> str:
         return view
     if in_chans == 1:
         return "mean"
-    raise ValueError(
+    raise ConfigError(
         f"{where}=all gives {n_channels} channels but student.in_chans={in_chans}: set student.in_chans={n_channels} "
         "(or 1), or use a 'mean' / 'single' view, which is replicated to any channel count"
     )
@@ -95,12 +98,12 @@ class MultiCropTransform:
         mask: torch.Tensor | None = sample.get("mask")
         n_channels = image.shape[0]
         if s.channel_mean is not None and len(s.channel_mean) != n_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"crops.channel_mean has {len(s.channel_mean)} values but sample {sample['id']!r} has {n_channels} "
                 f"channels; give {n_channels} values (one per dataset channel) or null"
             )
         if s.num_masked_local_crops and mask is None:
-            raise ValueError(
+            raise ConfigError(
                 f"crops.local_masked_crops_fraction={s.local_masked_crops_fraction} needs a sample 'mask', but sample "
                 f"{sample['id']!r} has none; use a dataset with masks (e.g. CTDataset) or set the fraction to 0.0"
             )
@@ -172,7 +175,7 @@ class MultiCropTransform:
 
     def _rgb_color(self, crop: torch.Tensor, group: str, rng: random.Random) -> torch.Tensor:
         if crop.shape[0] != 3:
-            raise ValueError(
+            raise ConfigError(
                 f"crops.rgb_color_aug=true needs 3-channel RGB crops but crop group {group} has {crop.shape[0]} "
                 "channel(s); set crops.rgb_color_aug=false for non-RGB data or use channel view 'all' on RGB images"
             )

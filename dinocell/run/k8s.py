@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from dinocell.errors import UsageError
+
 KINDS = ("pytorchjob", "job")
 PORT = 29500
 CONFIG_DIR = "/etc/dinocell"
@@ -57,17 +59,17 @@ class K8sRun:
     def __post_init__(self) -> None:
         longest_pod = f"{self.name}-{self.nodes - 1}"  # indexed Job pods are <name>-<index>: a DNS label each
         if not _DNS_LABEL.match(self.name) or len(longest_pod) > 63:
-            raise ValueError(f"name '{self.name}': expected lower-case letters, digits and '-', starting and ending "
+            raise UsageError(f"name '{self.name}': expected lower-case letters, digits and '-', starting and ending "
                              f"with a letter or digit, at most {63 - len(str(self.nodes - 1)) - 1} characters")
         if self.nodes < 1 or self.gpus_per_node < 0 or self.sync_interval_s < 1:
-            raise ValueError(f"nodes >= 1, gpus_per_node >= 0 and sync_interval_s >= 1 expected, got {self.nodes}, "
+            raise UsageError(f"nodes >= 1, gpus_per_node >= 0 and sync_interval_s >= 1 expected, got {self.nodes}, "
                              f"{self.gpus_per_node}, {self.sync_interval_s}")
         if not self.image:
-            raise ValueError("image: give the training image, e.g. registry.example.org/dinocell:0.1.0")
+            raise UsageError("image: give the training image, e.g. registry.example.org/dinocell:0.1.0")
         if not (self.output.startswith("pvc:") and _DNS_LABEL.match(self.output[4:])) and not re.match(
             r"^s3://[a-z0-9][a-z0-9.-]+[a-z0-9](/.*)?$", self.output
         ):
-            raise ValueError(f"output '{self.output}': expected pvc:CLAIM (an existing PersistentVolumeClaim) or "
+            raise UsageError(f"output '{self.output}': expected pvc:CLAIM (an existing PersistentVolumeClaim) or "
                              "s3://bucket/prefix")
 
     @property
@@ -82,7 +84,7 @@ class K8sRun:
 def render(run: K8sRun, config_yaml: str, kind: str) -> list[dict[str, Any]]:
     """The objects to `kubectl apply`: ConfigMap + PyTorchJob, or ConfigMap + Service + indexed Job."""
     if kind not in KINDS:
-        raise ValueError(f"kind '{kind}': expected one of {', '.join(KINDS)}")
+        raise UsageError(f"kind '{kind}': expected one of {', '.join(KINDS)}")
     config_map = _object("v1", "ConfigMap", f"{run.name}-config", run)
     config_map["data"] = {"config.yaml": config_yaml}
     if kind == "pytorchjob":

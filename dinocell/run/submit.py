@@ -27,6 +27,7 @@ import submitit
 
 from dinocell.commands.common import load_checked_config
 from dinocell.config import SSLConfig, save_config
+from dinocell.errors import UsageError
 
 SLURM_FOLDER = "slurm"  # under the run directory: batch scripts, task logs, submitit's pickles, frozen configs
 MAX_TIMEOUTS = 20  # time-limit requeues before a job is left to end (a 24 h limit: 3 weeks of training)
@@ -60,17 +61,17 @@ class SlurmResources:
     def __post_init__(self) -> None:
         for name in ("nodes", "time_min", "signal_delay_s"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("tasks_per_node", "cpus_per_task", "mem_gb"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 when given, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1 when given, got {getattr(self, name)}")
         if self.gpus_per_node < 0:
-            raise ValueError(f"gpus_per_node must be >= 0, got {self.gpus_per_node}")
+            raise UsageError(f"gpus_per_node must be >= 0, got {self.gpus_per_node}")
         if self.signal_delay_s >= self.time_min * 60:
-            raise ValueError(f"signal_delay_s={self.signal_delay_s} must be shorter than the time limit "
+            raise UsageError(f"signal_delay_s={self.signal_delay_s} must be shorter than the time limit "
                              f"({self.time_min * 60} s): the requeue signal would come before training starts")
         if self.gpus_per_node and self.tasks_per_node not in (None, self.gpus_per_node):
-            raise ValueError(
+            raise UsageError(
                 f"tasks_per_node={self.tasks_per_node} with gpus_per_node={self.gpus_per_node}: training runs one task "
                 f"per GPU; leave tasks_per_node unset (it is for CPU-only clusters, with gpus_per_node=0)"
             )
@@ -98,7 +99,7 @@ def parse_time_minutes(text: str) -> int:
         if total < 1:
             raise ValueError
     except ValueError:
-        raise ValueError(
+        raise UsageError(
             f"time limit '{text}': expected minutes (e.g. 1440), HH:MM:SS (e.g. 24:00:00) or D-HH[:MM[:SS]] "
             "(e.g. 2-12:00:00), at least one minute"
         ) from None

@@ -19,9 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from dinocell.models.pretrained import CHECKPOINT_FILE, EVAL_DUMP_FILES
+from dinocell.errors import UserError
+from dinocell.models.pretrained import CHECKPOINT_FILE, EVAL_DUMP_FILES, why_unreadable
 
 logger = logging.getLogger("dinocell")
+
+
+class UnreadableCheckpointsError(UserError):
+    """Checkpoints exist but none can be read: the run stops rather than start over (and rotate them away)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -71,20 +76,34 @@ BEST = "best"  # ckpt/best/: the checkpoint with the best validation metric so f
 def save_checkpoint(ckpt_root: Path, iteration: int | str, state: dict[str, Any], max_to_keep: int) -> Path:
     """Save `state` as checkpoint `iteration` (or BEST) and keep only the newest `max_to_keep` numbered ones."""
     path = atomic_save(state, Path(ckpt_root) / str(iteration), CHECKPOINT_FILE)
+    prune_checkpoints(ckpt_root, max_to_keep)
+    return path
+
+
+def prune_checkpoints(ckpt_root: Path, max_to_keep: int) -> None:
+    """Remove the debris of interrupted saves and all but the newest `max_to_keep` checkpoints."""
     for stray in [*Path(ckpt_root).glob(".tmp-*"), *Path(ckpt_root).glob(".old-*")]:
         shutil.rmtree(stray, ignore_errors=True)
     for old in list_checkpoints(ckpt_root)[:-max_to_keep] if max_to_keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return path
 
 
 def load_latest_checkpoint(ckpt_root: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads; an unreadable one is reported and the previous one is tried."""
+    """The newest checkpoint that loads; an unreadable one is reported and the previous one is tried. None when there
+    is no checkpoint; UnreadableCheckpointsError when there are some and none loads."""
+    unreadable = []
     for ckpt_dir in reversed(list_checkpoints(ckpt_root)):
         try:
             return ckpt_dir, torch.load(ckpt_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
         except Exception as err:  # a damaged file must not stop a 30-hour run from resuming from the previous one
-            logger.warning("checkpoint %s is unreadable (%s); trying the previous one", ckpt_dir, err)
+            logger.warning("checkpoint %s is unreadable (%s); trying the previous one", ckpt_dir, why_unreadable(err))
+            unreadable.append(f"{ckpt_dir.name} ({why_unreadable(err)})")
+    if unreadable:
+        raise UnreadableCheckpointsError(
+            f"no checkpoint in {ckpt_root} can be read: {'; '.join(unreadable)}. They are left as they are. Restore a "
+            "good copy into that folder and rerun, or start over with --no-resume (which moves the old run aside) or "
+            "another --output-dir"
+        )
     return None
 
 

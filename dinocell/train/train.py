@@ -1,9 +1,11 @@
 """The training loop: `train(cfg)` runs, or continues, one self-supervised run (method dino or simclr).
 
-Reads top to bottom: process group and output directory -> method, optimiser, schedules -> resume -> k-NN baseline ->
-data -> loop (one TrainStep per iteration over train.grad_accum_steps micro-batches; validation, best checkpoint and
-early stopping; metrics, checkpoints, eval dumps) -> final k-NN. Everything method-specific is behind the small
-interface of dinocell.train.methods. The command line around it is dinocell/commands/train.py.
+Reads top to bottom: pre-flight checks (data, weights, output directory, resume compatibility) -> process group and
+output directory -> method, optimiser, schedules -> resume -> k-NN baseline -> data -> loop (one TrainStep per
+iteration over train.grad_accum_steps micro-batches; validation, best checkpoint and early stopping; metrics,
+checkpoints, eval dumps; a SIGTERM stop) -> end-of-run work (final eval dumps, pruning, final k-NN), which a rerun
+redoes when a kill interrupted it. Everything method-specific is behind the small interface of
+dinocell.train.methods. The command line around it is dinocell/commands/train.py.
 """
 
 from __future__ import annotations
@@ -18,15 +20,19 @@ import torch
 
 from dinocell import distributed
 from dinocell.config import SSLConfig, config_to_dict, save_config
-from dinocell.data import make_dataset
 from dinocell.data.dataset import SampleDataset
+from dinocell.errors import UserError
 from dinocell.logging import MetricsLogger, setup_logging
+from dinocell.logging.sinks import METRICS_FILE
 from dinocell.pipeline.loaders import build_ssl_loader_from_config
-from dinocell.train.checkpoint import BEST, list_checkpoints, load_latest_checkpoint, save_checkpoint, save_eval_dump
+from dinocell.train.checkpoint import BEST, prune_checkpoints, save_checkpoint, save_eval_dump
 from dinocell.train.early_stopping import EarlyStopping
 from dinocell.train.methods import build_method
 from dinocell.train.optim import build_optimizer, param_groups
+from dinocell.train.preflight import preflight
+from dinocell.train.resume import check_config_change, resume_from_checkpoint, set_aside_run
 from dinocell.train.schedules import build_schedules
+from dinocell.train.signals import StopRequest, Terminated
 from dinocell.train.state import TrainState, seed_everything
 from dinocell.train.step import StepResult, TrainStep
 from dinocell.train.validation import Validation, knn_top1
@@ -34,8 +40,10 @@ from dinocell.train.validation import Validation, knn_top1
 logger = logging.getLogger("dinocell")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Raised after train.max_consecutive_nonfinite non-finite steps in a row."""
+
+    exit_code = 1
 
 
 def _bad_samples(dataset: SampleDataset) -> int | None:
@@ -45,14 +53,6 @@ def _bad_samples(dataset: SampleDataset) -> int | None:
         return None
     total = torch.tensor(float(counts["total"]))
     return int(distributed.all_reduce_mean(total) * distributed.get_world_size())
-
-
-def _set_aside_old_run(out: Path) -> None:
-    """--no-resume: move the old run's checkpoints out of the way, so that a later resume cannot pick them up."""
-    if list_checkpoints(out / "ckpt"):
-        kept = out / f"ckpt.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-        (out / "ckpt").rename(kept)
-        logger.warning("--no-resume: moved the existing checkpoints to %s", kept)
 
 
 def _record(it: int, values: dict[str, float], step: StepResult, window: dict[str, float], state: TrainState,
@@ -74,15 +74,21 @@ def _record(it: int, values: dict[str, float], step: StepResult, window: dict[st
     }
 
 
-def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
-    """Run (or continue) a training run in cfg.train.output_dir; returns the last metrics record."""
+def train(cfg: SSLConfig, *, resume: bool = True, stop: StopRequest | None = None) -> dict[str, Any]:
+    """Run (or continue) a training run in cfg.train.output_dir; returns the last metrics record. With `stop`
+    (dinocell.train.signals), SIGTERM on any rank ends the run at the next iteration, after a checkpoint."""
+    dataset = preflight(cfg)  # before anything is built or written
+    out = Path(cfg.train.output_dir)
+    resume_warnings = check_config_change(cfg, out) if resume else []  # a refused resume changes nothing on disk
     dist_info = distributed.init_distributed()
     device, is_main = dist_info.device, dist_info.is_main
-    out = Path(cfg.train.output_dir)
+    replaced = set_aside_run(out) if not resume and is_main else None  # --no-resume, before logs/ is reopened
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out, enabled=is_main)
-    if is_main:
-        save_config(cfg, out / "config.yaml")
+    if replaced is not None:
+        logger.warning("--no-resume: moved the earlier run's files to %s", replaced)
+    for message in resume_warnings:
+        logger.warning("%s", message)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -119,14 +125,12 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
         min_delta=cfg.train.early_stopping_min_delta,
     )
     state = TrainState(model, optimizer, early_stopping, global_batch_size=global_batch, seed=cfg.train.seed)
-    if not resume and is_main:
-        _set_aside_old_run(out)
     distributed.barrier()
-    latest = load_latest_checkpoint(out / "ckpt") if resume else None
-    if latest is not None:
-        ckpt_dir, saved = latest
-        state.load_state_dict(saved)
-        logger.info("resumed from %s at iteration %d", ckpt_dir, state.iteration)
+    resumed = resume_from_checkpoint(out / "ckpt", state, total_iters, is_main=is_main) if resume else None
+    if resumed is not None:
+        logger.info("resumed from %s at iteration %d", resumed, state.iteration)
+    if is_main:
+        save_config(cfg, out / "config.yaml")  # only now: a failed resume leaves the run's saved config as it was
     step = TrainStep(
         model, optimizer, device=device, clip_grad=cfg.optim.clip_grad,
         autocast_dtype=cfg.compute_precision.autocast_dtype,
@@ -147,7 +151,6 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
         out, total_iterations=total_iters, start_iteration=state.iteration, enabled=is_main,
         wandb_cfg=cfg.logging, config=config_to_dict(cfg),
     )
-    dataset = make_dataset(cfg.train.dataset_path)
     data = iter(build_ssl_loader_from_config(
         cfg, dataset, rank=dist_info.rank, world_size=dist_info.world_size, start_iter=state.iteration,
         pin_memory=device.type == "cuda",
@@ -196,9 +199,10 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
                 record["bad_samples"] = bad_samples  # counted since this process started (a resume starts at 0)
             metrics.log(record)
             window = {"start": time.perf_counter(), "iters": 0, "data_time": 0.0}
-        checkpoint = done % cfg.checkpointing.period == 0 or last
+        stopping = stop is not None and stop.agreed(device)  # SIGTERM on any rank: all stop here, after a checkpoint
+        checkpoint = done % cfg.checkpointing.period == 0 or last or stopping
         period = cfg.evaluation.eval_period_iterations
-        dump = (period > 0 and done % period == 0) or last
+        dump = period > 0 and done % period == 0 and not last  # the last one is end-of-run work, below
         if checkpoint or new_best:
             saved = state.state_dict()  # every rank: the RNG states are gathered
             if is_main and checkpoint:
@@ -209,20 +213,33 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
                             state.early_stopping.best, done, out / "ckpt" / BEST)
         if dump and is_main:
             save_eval_dump(out / "eval" / str(done), model.eval_dump())
-            if last:
-                save_eval_dump(out / "eval" / "final", model.eval_dump())
         if checkpoint or new_best or dump:
             distributed.barrier()  # the files are complete before any rank goes on (or a run ends)
+        if stopping:
+            metrics.close()
+            raise Terminated
     if state.early_stopping.should_stop and is_main:
         logger.info("early stopping at iteration %d: %s", state.iteration, state.early_stopping.summary())
 
+    # End-of-run work. A rerun after a kill between the last checkpoint and here resumes at the last iteration, runs
+    # no iteration and arrives here: the eval dumps and the pruning are redone (they are idempotent), the final k-NN
+    # unless eval/knn.json already holds the score of this iteration.
+    end = state.iteration  # total_iters, or where early stopping ended the run
+    if is_main:
+        dump = model.eval_dump()
+        weights = [save_eval_dump(out / "eval" / name, dump) for name in (str(end), "final")][-1]
+        prune_checkpoints(out / "ckpt", cfg.checkpointing.max_to_keep)
     if cfg.evaluation.knn_enabled and is_main:
         knn = json.loads(knn_path.read_text()) if knn_path.exists() else {"k": cfg.evaluation.knn_k}
-        knn["final"] = knn_top1(cfg, model.eval_backbone, device)
-        knn_path.write_text(json.dumps(knn))
+        if knn.get("final_iteration") != end:
+            knn.update(final=knn_top1(cfg, model.eval_backbone, device), final_iteration=end)
+            knn_path.write_text(json.dumps(knn))
         init = knn.get("init", float("nan"))
         logger.info("k-NN top-1 (k=%d) of the %s features: %.2f%% at initialisation -> %.2f%% trained "
                     "(%+.2f points)", cfg.evaluation.knn_k, "teacher cls" if cfg.method == "dino" else "backbone",
                     init, knn["final"], knn["final"] - init)
     metrics.close()
+    if is_main:
+        logger.info("run finished: weights %s; metrics %s%s", weights, out / METRICS_FILE,
+                    f"; k-NN {knn_path}" if cfg.evaluation.knn_enabled else "")
     return record

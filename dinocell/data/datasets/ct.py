@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dinocell.data.dataset import SampleDataset
+from dinocell.data.dataset import DatasetError, SampleDataset
 from dinocell.data.io.bad_files import BadFileError, BadSampleTracker
 from dinocell.data.registry import register_dataset
 
@@ -44,11 +44,11 @@ class CTDataset(SampleDataset):
         """npz_dir_path: folder searched recursively for *.npz. patch_size: H,W,C with C even (slices + masks)."""
         height, width, channels = patch_size
         if channels < 2 or channels % 2:
-            raise ValueError(f"CTDataset: patch_size channels={channels} must be even (slices + mask slices), e.g. 6")
+            raise DatasetError(f"CTDataset: patch_size channels={channels} must be even (slices + mask slices), e.g. 6")
         if not hu_window[0] < hu_window[1]:
-            raise ValueError(f"CTDataset: hu_window={hu_window} must be (low, high) with low < high, e.g. -1000,150")
+            raise DatasetError(f"CTDataset: hu_window={hu_window} must be (low, high) with low < high, e.g. -1000,150")
         if not 0.0 <= eps < 0.5:
-            raise ValueError(f"CTDataset: eps={eps} must be in [0, 0.5), e.g. 0.001")
+            raise DatasetError(f"CTDataset: eps={eps} must be in [0, 0.5), e.g. 0.001")
         self.root = Path(npz_dir_path)
         self.size, self.n_slices = (height, width), channels // 2
         self.hu_window, self.eps, self.transform = hu_window, eps, transform

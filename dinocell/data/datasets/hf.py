@@ -20,17 +20,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinocell.data.dataset import SampleDataset
+from dinocell.data.dataset import DatasetError, SampleDataset
 from dinocell.data.datasets.image_folder import pil_pixels, pixels_to_tensor
 from dinocell.data.io.bad_files import BadFileError, BadSampleTracker
 from dinocell.data.registry import register_dataset
+from dinocell.errors import MissingDependencyError
 
 
 def _import_datasets() -> Any:
     try:
         import datasets
     except ImportError:
-        raise ImportError(
+        raise MissingDependencyError(
             "HuggingFace datasets need the `datasets` package: pip install datasets (or pip install 'dinocell[hf]')"
         ) from None
     return datasets
@@ -64,7 +65,7 @@ def _from_disk(root: Path, split: str) -> Any:
         if split not in loaded:
             close = difflib.get_close_matches(split, list(loaded), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ValueError(f"HuggingFace: '{root}' has no split '{split}'.{hint} Its splits: {', '.join(loaded)}")
+            raise DatasetError(f"HuggingFace: '{root}' has no split '{split}'.{hint} Its splits: {', '.join(loaded)}")
         return loaded[split]
     return loaded  # a single saved Dataset is its own split
 
@@ -73,7 +74,7 @@ def _column(table: Any, column: str, key: str) -> str:
     if column not in table.column_names:
         close = difflib.get_close_matches(column, table.column_names, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ValueError(
+        raise DatasetError(
             f"HuggingFace: {key}='{column}' is not a column.{hint} Columns: {', '.join(table.column_names)}"
         )
     return column
@@ -99,10 +100,10 @@ class HuggingFaceDataset(SampleDataset):
         """name: hub name (local cache only) or root: save_to_disk folder, one of the two. config: the hub
         configuration (default: the only cached one). label_column: none for unlabelled data."""
         if (name is None) == (root is None):
-            raise ValueError("HuggingFace: give exactly one of name= (a hub name in the local cache) or root= "
+            raise DatasetError("HuggingFace: give exactly one of name= (a hub name in the local cache) or root= "
                              "(a save_to_disk folder)")
         if channels not in (1, 3):
-            raise ValueError(f"HuggingFace: channels={channels} must be 1 or 3")
+            raise DatasetError(f"HuggingFace: channels={channels} must be 1 or 3")
         table = _from_cache(name, config, split, cache_dir) if name is not None else _from_disk(Path(root), split)
         self.source = name or str(root)
         self.split, self.channels, self.transform = split, channels, transform

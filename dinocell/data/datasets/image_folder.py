@@ -19,7 +19,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from dinocell.data.dataset import SampleDataset
+from dinocell.data.dataset import DatasetError, SampleDataset
 from dinocell.data.io.bad_files import BadFileError, BadSampleTracker
 from dinocell.data.io.folders import files_by_class
 from dinocell.data.registry import register_dataset
@@ -35,7 +35,7 @@ class ImageFolder(SampleDataset):
     def __init__(self, *, root: pathlib.Path, channels: Literal[1, 3] = 3, transform=None) -> None:
         self.root, self.channels, self.transform = pathlib.Path(root), channels, transform
         if channels not in (1, 3):
-            raise ValueError(f"ImageFolder: channels={channels} must be 1 or 3")
+            raise DatasetError(f"ImageFolder: channels={channels} must be 1 or 3")
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageFolder: root '{self.root}' is not a directory")
         self.classes, self.samples = files_by_class(self.root, EXTENSIONS)

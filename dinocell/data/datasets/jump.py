@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dinocell.data.dataset import SampleDataset
+from dinocell.data.dataset import DatasetError, SampleDataset
 from dinocell.data.io.bad_files import BadFileError, BadSampleTracker
 from dinocell.data.io.cache import DiskCache, LRUCache
 from dinocell.data.io.index import (
@@ -68,12 +68,12 @@ class _JUMPFields(SampleDataset):
         transform=None,
     ) -> None:
         if crops_per_field < 1:
-            raise ValueError(f"crops_per_field={crops_per_field} must be >= 1 (1 = one sample per field)")
+            raise DatasetError(f"crops_per_field={crops_per_field} must be >= 1 (1 = one sample per field)")
         if concurrency < 1:
-            raise ValueError(f"concurrency={concurrency} must be >= 1")
+            raise DatasetError(f"concurrency={concurrency} must be >= 1")
         check_normalization(normalization, type(self).__name__)
         if cache_size < 0:
-            raise ValueError(f"cache_size={cache_size} must be >= 0 (0 disables the field cache)")
+            raise DatasetError(f"cache_size={cache_size} must be >= 0 (0 disables the field cache)")
         self.channels = list(channels) if channels else list(STAINS)
         self.crops_per_field = crops_per_field
         self.cache_size = cache_size
@@ -240,7 +240,7 @@ class _JUMPFields(SampleDataset):
         that plate fail at once without downloading their images. An index without illum locations is a
         configuration error."""
         if record.illum is None:
-            raise ValueError(
+            raise DatasetError(
                 f"illum_correction=true but the index of {record.key} names no Illum files "
                 "(expected FileName_Illum<Stain>/PathName_Illum<Stain> columns, or a bucket-layout illum folder)"
             )

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dinocell.data.dataset import SampleDataset
+from dinocell.data.dataset import DatasetError, SampleDataset
 from dinocell.data.io.bad_files import BadFileError, BadSampleTracker
 from dinocell.data.io.tiff import decode_tiff
 from dinocell.data.normalize import load_channel_stats, minmax_normalize
@@ -48,7 +48,9 @@ class SingleCellFolder(SampleDataset):
         1 = the folder above, ... stats: JSON {"mean": [...], "std": [...]} over the selected channels."""
         self.root, self.channels, self.transform = Path(root), channels, transform
         if label_depth < 0:
-            raise ValueError(f"SingleCellFolder: label_depth={label_depth} must be >= 0 (0 = the image's own folder)")
+            raise DatasetError(f"SingleCellFolder: label_depth={label_depth} must be >= 0 (0 = the image's own folder)")
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"SingleCellFolder: root '{self.root}' is not a directory")
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
         if not self.files:
             raise FileNotFoundError(f"SingleCellFolder: no {'/'.join(EXTENSIONS)} files under '{self.root}'")
@@ -60,7 +62,7 @@ class SingleCellFolder(SampleDataset):
             self.mean, self.std = load_channel_stats(stats, "SingleCellFolder")
             expected = len(channels) if channels else None
             if expected is not None and len(self.mean) != expected:
-                raise ValueError(
+                raise DatasetError(
                     f"SingleCellFolder: stats '{stats}' has {len(self.mean)} channels, but channels={channels} selects "
                     f"{expected}; recompute it with `dinocell mean-std` on the same channels"
                 )
@@ -84,7 +86,7 @@ class SingleCellFolder(SampleDataset):
     def _class_name(self, path: Path, label_depth: int) -> str:
         folder = path.parents[label_depth] if label_depth < len(path.parents) else None
         if folder is None or folder == self.root or self.root not in folder.parents:
-            raise ValueError(
+            raise DatasetError(
                 f"SingleCellFolder: '{path}' has no class folder {label_depth} level(s) above its own folder inside "
                 f"'{self.root}' (expected root/<class>/.../<image>; try a smaller label_depth)"
             )

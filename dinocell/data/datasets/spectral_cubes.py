@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dinocell.data.dataset import SampleDataset
+from dinocell.data.dataset import DatasetError, SampleDataset
 from dinocell.data.io.bad_files import BadFileError, BadSampleTracker
 from dinocell.data.io.cubes import CUBE_SUFFIXES, BandAxis, open_cube, require_spectral
 from dinocell.data.io.folders import files_by_class
@@ -71,9 +71,9 @@ class SpectralCubes(SampleDataset):
         self.band_axis, self.npz_key, self.bin_size, self.normalization = band_axis, npz_key, bin_size, normalization
         check_normalization(normalization, "SpectralCubes")
         if band_axis not in ("auto", "first", "last"):
-            raise ValueError(f"SpectralCubes: band_axis={band_axis!r} must be auto, first or last")
+            raise DatasetError(f"SpectralCubes: band_axis={band_axis!r} must be auto, first or last")
         if bin_size < 1:
-            raise ValueError(f"SpectralCubes: bin_size={bin_size} must be >= 1 (1 = no binning)")
+            raise DatasetError(f"SpectralCubes: bin_size={bin_size} must be >= 1 (1 = no binning)")
         if not self.root.is_dir():
             raise FileNotFoundError(f"SpectralCubes: root '{self.root}' is not a directory")
         self.classes, self.samples = files_by_class(self.root, CUBE_SUFFIXES)
@@ -89,11 +89,11 @@ class SpectralCubes(SampleDataset):
         try:
             self.band_indices = parse_band_ranges(bands) if bands is not None else list(range(self.n_bands))
         except ValueError as error:
-            raise ValueError(f"SpectralCubes: {error}") from None
+            raise DatasetError(f"SpectralCubes: {error}") from None
         if not self.band_indices:
-            raise ValueError("SpectralCubes: bands= is empty; give band indices or ranges, e.g. bands=0-99,120")
+            raise DatasetError("SpectralCubes: bands= is empty; give band indices or ranges, e.g. bands=0-99,120")
         if max(self.band_indices) >= self.n_bands:
-            raise ValueError(
+            raise DatasetError(
                 f"SpectralCubes: bands={','.join(bands or [])} selects bands outside the cubes' {self.n_bands} bands "
                 f"(valid indices 0-{self.n_bands - 1})"
             )
@@ -101,7 +101,7 @@ class SpectralCubes(SampleDataset):
         if selected % bin_size:
             divisors = [k for k in range(1, selected + 1) if selected % k == 0]
             fitting = selected // bin_size * bin_size
-            raise ValueError(
+            raise DatasetError(
                 f"SpectralCubes: bin_size={bin_size} does not divide the {selected} selected bands; choose bin_size "
                 f"among {divisors} or select a multiple of {bin_size} bands"
                 + (f" (e.g. bands=0-{fitting - 1})" if fitting and bands is None else "")
@@ -111,7 +111,7 @@ class SpectralCubes(SampleDataset):
         if stats is not None:
             self.mean, self.std = load_channel_stats(stats, "SpectralCubes")
             if len(self.mean) != self.n_channels:
-                raise ValueError(
+                raise DatasetError(
                     f"SpectralCubes: stats '{stats}' has {len(self.mean)} channels, but the dataset gives "
                     f"{self.n_channels} (after bands= and bin_size=); recompute it with `dinocell mean-std` on the "
                     f"same dataset string without stats="

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dinocell.data.dataset import SampleDataset
+from dinocell.data.dataset import DatasetError, SampleDataset
 from dinocell.data.normalize import Normalization, check_normalization, normalize_image
 from dinocell.data.registry import register_dataset
 
@@ -82,16 +82,16 @@ class SyntheticCellPainting(SampleDataset):
         for key, value in (("size", size), ("image_size", image_size), ("n_classes", n_classes),
                            ("sites_per_well", sites_per_well)):
             if value < 1:
-                raise ValueError(f"SyntheticCellPainting: {key}={value} must be >= 1")
+                raise DatasetError(f"SyntheticCellPainting: {key}={value} must be >= 1")
         if not 2.0 <= cell_radius <= image_size:
-            raise ValueError(f"SyntheticCellPainting: cell_radius={cell_radius} must lie in [2, image_size]")
+            raise DatasetError(f"SyntheticCellPainting: cell_radius={cell_radius} must lie in [2, image_size]")
         if split not in _SPLIT_CODES:
-            raise ValueError(f"SyntheticCellPainting: split='{split}' must be one of {', '.join(_SPLIT_CODES)}")
+            raise DatasetError(f"SyntheticCellPainting: split='{split}' must be one of {', '.join(_SPLIT_CODES)}")
         check_normalization(normalization, "SyntheticCellPainting")
         if plate_format not in PLATE_SHAPES:
-            raise ValueError(f"SyntheticCellPainting: plate_format={plate_format} must be one of 96, 384")
+            raise DatasetError(f"SyntheticCellPainting: plate_format={plate_format} must be one of 96, 384")
         if control_class is not None and not 0 <= control_class < n_classes:
-            raise ValueError(
+            raise DatasetError(
                 f"SyntheticCellPainting: control_class={control_class} must lie in [0, {n_classes - 1}] or be none"
             )
         self.sites_per_well, self.plate_format, self.control_class = sites_per_well, plate_format, control_class

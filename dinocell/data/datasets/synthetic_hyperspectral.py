@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from dinocell.data.dataset import SampleDataset
+from dinocell.data.dataset import DatasetError, SampleDataset
 from dinocell.data.datasets.synthetic import phenotype_table
 from dinocell.data.normalize import Normalization, check_normalization, normalize_image
 from dinocell.data.registry import register_dataset
@@ -56,16 +56,16 @@ class SyntheticHyperspectral(SampleDataset):
     ) -> None:
         for key, value in (("size", size), ("image_size", image_size), ("n_bands", n_bands), ("n_classes", n_classes)):
             if value < 1:
-                raise ValueError(f"SyntheticHyperspectral: {key}={value} must be >= 1")
+                raise DatasetError(f"SyntheticHyperspectral: {key}={value} must be >= 1")
         if not 0 < wavelength_range[0] <= wavelength_range[1]:
-            raise ValueError(
+            raise DatasetError(
                 f"SyntheticHyperspectral: wavelength_range={wavelength_range} must be low,high in nm with "
                 f"0 < low <= high, e.g. 400,1000"
             )
         if not 2.0 <= object_radius <= image_size:
-            raise ValueError(f"SyntheticHyperspectral: object_radius={object_radius} must lie in [2, image_size]")
+            raise DatasetError(f"SyntheticHyperspectral: object_radius={object_radius} must lie in [2, image_size]")
         if split not in _SPLIT_CODES:
-            raise ValueError(f"SyntheticHyperspectral: split='{split}' must be one of {', '.join(_SPLIT_CODES)}")
+            raise DatasetError(f"SyntheticHyperspectral: split='{split}' must be one of {', '.join(_SPLIT_CODES)}")
         check_normalization(normalization, "SyntheticHyperspectral")
         self.size, self.image_size, self.seed, self.split = size, image_size, seed, split
         self.object_radius, self.normalization, self.transform = object_radius, normalization, transform

@@ -17,6 +17,8 @@ from typing import TypeVar
 
 import torch
 
+from dinocell.data.dataset import DatasetError
+
 logger = logging.getLogger("dinocell.data")
 
 REASONS = ("missing", "truncated", "zero_filled", "undecodable", "bad_shape", "unreachable")
@@ -39,9 +41,12 @@ class BadFileError(Exception):
 class BadSampleTracker:
     """Shared per-sample flags (0 = not known bad, i + 1 = REASONS[i]) with deterministic substitution."""
 
-    def __init__(self, n_samples: int, max_consecutive_bad: int = 1000) -> None:
+    def __init__(self, n_samples: int, max_consecutive_bad: int = 1000, max_consecutive_unreachable: int = 8) -> None:
         self.flags = torch.zeros(n_samples, dtype=torch.uint8).share_memory_()
         self.max_consecutive_bad = max_consecutive_bad
+        # an outage makes every sample unreachable (each after its retries): stop soon with the reason instead of
+        # walking through max_consecutive_bad samples for an hour
+        self.max_consecutive_unreachable = max_consecutive_unreachable
 
     def is_bad(self, index: int) -> bool:
         return bool(self.flags[index])
@@ -69,6 +74,7 @@ class BadSampleTracker:
         """
         n = len(self.flags)
         last: BadFileError | None = None
+        unreachable = 0
         for step in range(min(n, self.max_consecutive_bad)):
             index = (start + step) % n
             if self.is_bad(index):
@@ -78,9 +84,17 @@ class BadSampleTracker:
             except BadFileError as error:
                 self.mark(index, error)
                 last = error
-        raise RuntimeError(
+                unreachable = unreachable + 1 if error.reason == "unreachable" else 0
+                if unreachable >= self.max_consecutive_unreachable:
+                    raise DatasetError(
+                        f"{unreachable} samples in a row could not be reached (last: {error}): the storage or the "
+                        "network is down or refuses the requests; check the endpoint (endpoint_url), the network "
+                        "(proxy, firewall, VPN) and the credentials, then rerun (training resumes from its newest "
+                        "checkpoint)"
+                    ) from error
+        raise DatasetError(
             f"no loadable sample among {min(n, self.max_consecutive_bad)} consecutive samples from index {start} "
-            f"(last error: {last}); check the data location and credentials"
+            f"(last error: {last}); check the dataset string's keys (e.g. channels=), the data location and credentials"
         )
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from dinocell.data.io.bad_files import BadFileError
 from dinocell.data.io.tiff import decode_tiff_series
+from dinocell.errors import MissingDependencyError
 
 CUBE_SUFFIXES = (".tif", ".tiff", ".npy", ".npz", ".hdr")
 ENVI_DATA_SUFFIXES = ("", ".img", ".dat", ".raw", ".bsq", ".bil", ".bip")
@@ -32,7 +33,7 @@ def require_spectral() -> None:
     try:
         import spectral  # noqa: F401
     except ImportError as error:
-        raise ImportError(
+        raise MissingDependencyError(
             "reading ENVI (.hdr) cubes needs the 'spectral' package: pip install 'dinocell[envi]' (or spectral)"
         ) from error
 

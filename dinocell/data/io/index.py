@@ -15,6 +15,8 @@ from pathlib import PurePosixPath
 
 import pandas as pd
 
+from dinocell.data.dataset import DatasetError
+
 STAINS = ("DNA", "ER", "RNA", "AGP", "Mito")
 # One index per plate folder is read; the first present name in this order wins (they list the same fields).
 INDEX_NAMES = (
@@ -51,7 +53,7 @@ def read_index_table(data: bytes, name: str) -> pd.DataFrame:
         for column in [c for c in table.columns if c.startswith("Metadata_")]:
             table[column] = table[column].astype(str)
         return table
-    raise ValueError(f"index file '{name}' is not .csv, .csv.gz or .parquet")
+    raise DatasetError(f"index file '{name}' is not .csv, .csv.gz or .parquet")
 
 
 def pick_index_files(names: list[str]) -> list[str]:
@@ -73,7 +75,7 @@ def resolve_stains(columns: list[str], channels: list[str], index_name: str) -> 
         if channel.lower() not in lower:
             close = difflib.get_close_matches(channel, available, n=1)
             hint = f"; closest: '{close[0]}'" if close else ""
-            raise ValueError(
+            raise DatasetError(
                 f"channel '{channel}' is not in index {index_name}; its stains are {', '.join(available)}{hint}"
             )
         resolved.append(lower[channel.lower()])
@@ -92,7 +94,7 @@ def fields_from_table(
         elif column in defaults:
             parts.append([defaults[column]] * len(table))
         else:
-            raise ValueError(f"index {index_location} has no column {column} (columns: {', '.join(table.columns)})")
+            raise DatasetError(f"index {index_location} has no column {column} (columns: {', '.join(table.columns)})")
     files = [_locations(table, stain, "Orig", index_location) for stain in stains]
     has_illum = all(f"FileName_Illum{s}" in table.columns or f"URL_Illum{s}" in table.columns for s in stains)
     illum = [_locations(table, s, "Illum", index_location) for s in stains] if has_illum else None
@@ -120,7 +122,7 @@ def join_location(folder: str, file_name: str, index_location: str) -> str:
 def split_s3_url(url: str) -> tuple[str, str]:
     """'s3://bucket/a/b' -> ('bucket', 'a/b')."""
     if not url.startswith("s3://"):
-        raise ValueError(f"'{url}' is not an s3://bucket/key URL")
+        raise DatasetError(f"'{url}' is not an s3://bucket/key URL")
     bucket, _, key = url[5:].partition("/")
     return bucket, key
 

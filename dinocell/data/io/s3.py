@@ -18,6 +18,7 @@ from botocore import UNSIGNED
 from botocore.config import Config
 
 from dinocell.data.io.bad_files import BadFileError
+from dinocell.errors import UserError
 
 T = TypeVar("T")
 
@@ -34,7 +35,7 @@ TRANSIENT_ERRORS = (
 )  # fmt: skip
 
 
-class S3AccessError(OSError):
+class S3AccessError(UserError, OSError):
     """A bucket that cannot be listed (endpoint unreachable, no such bucket, access denied, no credentials): the
     dataset cannot be built. The message is one line naming the endpoint, the location and what to check."""
 
