@@ -25,6 +25,7 @@ GLOBAL_CROP_GROUPS = ("global1", "global2")  # DINO's two global crops, each wit
 CROP_GROUPS = (*GLOBAL_CROP_GROUPS, "local")
 CHANNEL_VIEWS = ("all", "mean", "single")
 CENTERINGS = ("sinkhorn_knopp", "centering")
+PARALLELISMS = ("ddp", "fsdp")  # a whole model per process (DDP), or sharded over the processes (FSDP2)
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # config name -> torch dtype name
 # lr scaling with the global batch: rule -> factor of optim.lr
 SCALING_RULES: dict[str, Callable[[int], float]] = {
@@ -183,14 +184,19 @@ class TrainConfig:
     centering: str = "sinkhorn_knopp"
     log_every: int = 10
     max_consecutive_nonfinite: int = 10
+    parallelism: str = "ddp"
+    dist_timeout_min: float = 30.0
 
     def problems(self) -> Problems:
         yield from _positive(
-            self, "batch_size_per_gpu", "OFFICIAL_EPOCH_LENGTH", "log_every", "max_consecutive_nonfinite"
+            self, "batch_size_per_gpu", "OFFICIAL_EPOCH_LENGTH", "log_every", "max_consecutive_nonfinite",
+            "dist_timeout_min",
         )
         yield from _non_negative(self, "num_workers", "seed")
         for message in _choice(self.centering, CENTERINGS):
             yield "centering", message
+        for message in _choice(self.parallelism, PARALLELISMS):
+            yield "parallelism", message
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
-from dinocell import distributed
+from dinocell import distributed, parallel
 from dinocell.config.schema import DinoConfig, IBotConfig, SSLConfig
 from dinocell.layers.dino_head import DINOHead
 from dinocell.loss import dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp, softmax_center, update_center
@@ -81,8 +81,8 @@ class SSLMetaArch(nn.Module):
     """Student and teacher. `forward` computes the loss of a batch and has no side effects on the model's state;
     `update_teacher` applies the step's EMA and center updates once the optimiser step is taken.
 
-    Several processes wrap the whole module in DistributedDataParallel: only the student's parameters require
-    gradients, so only they are averaged.
+    Several processes wrap the whole module in DistributedDataParallel (only the student's parameters require
+    gradients, so only they are averaged), or shard it with FSDP2 along `fsdp_units` (dinocell.parallel).
     """
 
     def __init__(self, cfg: SSLConfig) -> None:
@@ -107,10 +107,20 @@ class SSLMetaArch(nn.Module):
         self.teacher.eval()  # the teacher never trains (no drop path, no RoPE augmentation)
         return self
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """What FSDP shards as units, innermost first: each backbone block, the heads, then each backbone (its
+        embeddings, tokens and norm), for the student and the teacher alike, so that the EMA update pairs local
+        shards."""
+        units: list[nn.Module] = []
+        for net in (self.student, self.teacher):
+            heads = [net.dino_head] if net.ibot_head is net.dino_head else [net.dino_head, net.ibot_head]
+            units += [*getattr(net.backbone, "blocks", ()), *heads, net.backbone]
+        return units
+
     @torch.no_grad()
     def update_teacher(self, momentum: float, centers: dict[str, torch.Tensor]) -> None:
-        """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter; centers take the step's
-        values."""
+        """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter (shard by shard under
+        FSDP); centers take the step's values."""
         student = list(self.student.parameters())
         teacher = list(self.teacher.parameters())
         torch._foreach_mul_(teacher, momentum)
@@ -119,8 +129,21 @@ class SSLMetaArch(nn.Module):
             getattr(self, name).copy_(value)
 
     def teacher_state_dict(self) -> dict[str, torch.Tensor]:
-        """Teacher weights as in an eval dump: keys backbone.*, dino_head.*, ibot_head.*."""
-        return {k: v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()}
+        """Teacher weights as in an eval dump: keys backbone.*, dino_head.*, ibot_head.*. Under FSDP they are
+        gathered from the shards: every rank must call it, and only rank 0 gets them ({} elsewhere)."""
+        return parallel.full_state_dict(self.teacher)
+
+    def teacher_backbone(self) -> nn.Module | None:
+        """The teacher's backbone whole, for evaluation in one process: the module itself, or under FSDP a copy built
+        from the gathered shards (every rank must call it; None on the ranks other than 0)."""
+        if not parallel.is_sharded(self.teacher):
+            return self.teacher.backbone
+        weights = parallel.full_state_dict(self.teacher.backbone)
+        if not weights:
+            return None
+        backbone = build_backbone(self.cfg.student.arch, **self.cfg.student.backbone_kwargs())
+        backbone.load_state_dict(weights)
+        return backbone.to(next(self.teacher.parameters()).device).eval()
 
     @torch.no_grad()
     def _teacher_targets(

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from dinocell import distributed
+from dinocell import distributed, parallel
 from dinocell.config.schema import AUTOCAST_DTYPES
 from dinocell.pipeline.batch import SSLBatch
 from dinocell.train.meta_arch import SSLMetaArch
@@ -41,7 +41,7 @@ class TrainStep:
         autocast_dtype: str,
     ) -> None:
         self.model = model
-        self.forward = distributed.wrap_model(model, device)
+        self.forward = parallel.wrap_model(model, device)
         self.optimizer = optimizer
         self.params = [p for p in model.student.parameters() if p.requires_grad]
         self.max_norm = clip_grad if clip_grad > 0 else math.inf
@@ -57,7 +57,7 @@ class TrainStep:
         with self.autocast():
             out = self.forward(batch, teacher_temp=values["teacher_temp"])
         out.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        grad_norm = parallel.clip_grad_norm(self.params, self.max_norm)
         loss = distributed.all_reduce_mean(out.loss)
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         if finite:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dinocell import distributed
+from dinocell import distributed, parallel
 from dinocell.config import SSLConfig, config_to_dict, save_config
 from dinocell.data import make_dataset
 from dinocell.data.dataset import SampleDataset
@@ -97,7 +97,7 @@ def _record(it: int, values: dict[str, float], step: StepResult, window: dict[st
 
 def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
     """Run (or continue) a training run in cfg.train.output_dir; returns the last metrics record."""
-    dist_info = distributed.init_distributed()
+    dist_info = distributed.init_distributed(cfg.train.dist_timeout_min)
     device, is_main = dist_info.device, dist_info.is_main
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +109,11 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
         torch.backends.cudnn.allow_tf32 = True
 
     seed_everything(cfg.train.seed)  # identical model initialisation on every rank
-    model = SSLMetaArch(cfg).to(device)
+    model = SSLMetaArch(cfg)
+    if cfg.train.parallelism == "fsdp":  # before the optimiser: sharding replaces the parameters (and moves the shards)
+        policy = parallel.mixed_precision(device, cfg.compute_precision.autocast_dtype)
+        parallel.shard_model(model, model.fsdp_units(), policy)
+    model.to(device)
     global_batch = cfg.train.batch_size_per_gpu * dist_info.world_size
     peak_lr = cfg.optim.scaled_lr(global_batch)
     logger.info(
@@ -133,11 +137,12 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
         ),
         cfg.optim,
     )
-    state = TrainState(model, optimizer, global_batch_size=global_batch, seed=cfg.train.seed)
+    state = TrainState(model, optimizer, global_batch_size=global_batch, seed=cfg.train.seed,
+                       sharded=cfg.train.parallelism == "fsdp")
     if not resume and is_main:
         _set_aside_old_run(out)
     distributed.barrier()
-    latest = load_latest_checkpoint(out / "ckpt") if resume else None
+    latest = load_latest_checkpoint(out / "ckpt", state.sharded_template) if resume else None
     if latest is not None:
         ckpt_dir, saved = latest
         state.load_state_dict(saved)
@@ -149,11 +154,13 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
 
     knn_enabled = bool(cfg.evaluation.knn_train_dataset and cfg.evaluation.knn_test_dataset)
     knn_path = out / "eval" / "knn.json"
-    if knn_enabled and state.iteration == 0 and is_main:
-        knn_path.parent.mkdir(parents=True, exist_ok=True)
-        init_top1 = knn_top1(cfg, model.teacher.backbone, device)
-        knn_path.write_text(json.dumps({"k": cfg.evaluation.knn_k, "init": init_top1}))
-        logger.info("k-NN top-1 at initialisation: %.2f%%", init_top1)
+    if knn_enabled and state.iteration == 0:
+        teacher = model.teacher_backbone()  # every rank: FSDP gathers the shards
+        if is_main:
+            knn_path.parent.mkdir(parents=True, exist_ok=True)
+            init_top1 = knn_top1(cfg, teacher, device)
+            knn_path.write_text(json.dumps({"k": cfg.evaluation.knn_k, "init": init_top1}))
+            logger.info("k-NN top-1 at initialisation: %.2f%%", init_top1)
 
     metrics = MetricsLogger(
         out, total_iterations=total_iters, start_iteration=state.iteration, enabled=is_main,
@@ -203,19 +210,21 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
         period = cfg.evaluation.eval_period_iterations
         dump = (period > 0 and done % period == 0) or done == total_iters
         if checkpoint:
-            saved = state.state_dict()  # every rank: the RNG states are gathered
+            saved = state.state_dict()  # every rank: the RNG states are gathered (and FSDP's shards are written)
+            save_checkpoint(out / "ckpt", done, saved, cfg.checkpointing.max_to_keep, sharded=state.sharded)
+        if dump:
+            teacher = model.teacher_state_dict()  # every rank: FSDP gathers the shards onto rank 0
             if is_main:
-                save_checkpoint(out / "ckpt", done, saved, cfg.checkpointing.max_to_keep)
-        if dump and is_main:
-            save_teacher_dump(out / "eval" / str(done), model.teacher_state_dict())
-            if done == total_iters:
-                save_teacher_dump(out / "eval" / "final", model.teacher_state_dict())
+                save_teacher_dump(out / "eval" / str(done), teacher)
+                if done == total_iters:
+                    save_teacher_dump(out / "eval" / "final", teacher)
         if checkpoint or dump:
             distributed.barrier()  # the files are complete before any rank goes on (or a run ends)
 
+    teacher = model.teacher_backbone() if knn_enabled else None  # every rank: FSDP gathers the shards
     if knn_enabled and is_main:
         knn = json.loads(knn_path.read_text()) if knn_path.exists() else {"k": cfg.evaluation.knn_k}
-        knn["final"] = knn_top1(cfg, model.teacher.backbone, device)
+        knn["final"] = knn_top1(cfg, teacher, device)
         knn_path.write_text(json.dumps(knn))
         init = knn.get("init", float("nan"))
         logger.info("k-NN top-1 (k=%d) of the teacher cls features: %.2f%% at initialisation -> %.2f%% trained "

@@ -1,0 +1,94 @@
+"""How the model is spread over the processes (`train.parallelism`): the one place that wraps or shards it.
+
+- `ddp`: every process holds the whole model; DistributedDataParallel averages the student's gradients in buckets
+  during backward. Simple and fastest while the model, its gradients, the AdamW moments and the teacher fit one GPU.
+- `fsdp`: FSDP2 (`fully_shard`) splits every parameter along its first dimension over the processes: each block of
+  the backbone, each head and each backbone's remaining weights (embeddings, tokens, norm) is a unit whose weights are
+  gathered just before it runs and freed right after, and the model itself is the root. Student and teacher are
+  sharded alike, so the teacher's EMA update pairs local shards and needs no communication; gradients are
+  reduce-scattered, so each process updates only its shard. On CUDA the gathered weights are cast to the autocast
+  dtype (`compute_precision.autocast_dtype`), while the sharded weights, the gradient reduction and AdamW stay fp32.
+
+A single process has nothing to shard: under `fsdp` it trains the plain model (its checkpoints are still written in
+the sharded layout, see dinocell.train.checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from dinocell import distributed
+from dinocell.config.schema import AUTOCAST_DTYPES
+
+logger = logging.getLogger("dinocell")
+
+
+def mixed_precision(device: torch.device, autocast_dtype: str) -> MixedPrecisionPolicy:
+    """FSDP's casts: on CUDA, weights gathered in the autocast dtype (`compute_precision.autocast_dtype`, so the
+    all-gathers move half the bytes) and gradients reduced in fp32 (as DDP reduces the fp32 gradients autocast leaves:
+    sharding does not change the precision of the update). The CPU path stays fp32 throughout."""
+    dtype = getattr(torch, AUTOCAST_DTYPES[autocast_dtype])
+    if device.type != "cuda" or dtype == torch.float32:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+def shard_model(model: nn.Module, units: Iterable[nn.Module], policy: MixedPrecisionPolicy) -> bool:
+    """Apply FSDP2 in place: `fully_shard` on each unit (innermost first), then on `model` as the root.
+
+    Must run before the optimiser is built (sharding replaces the parameters). Units called through
+    `forward_features` instead of `forward` (backbones) get that method registered, so that their weights are gathered
+    for it. Returns False, leaving the model as it is, when there is only one process."""
+    if not distributed.is_enabled():
+        logger.info("train.parallelism=fsdp with one process: nothing to shard, the model is trained whole")
+        return False
+    for unit in units:
+        fully_shard(unit, mp_policy=policy)
+        if hasattr(unit, "forward_features"):
+            register_fsdp_forward_method(unit, "forward_features")
+    fully_shard(model)  # the root holds no weights of its own, so it casts nothing (the batch keeps its dtypes)
+    return True
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return isinstance(module, FSDPModule) or any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """The module the training step calls: the sharded model itself, DistributedDataParallel around `model` when
+    several processes train it whole, or `model` in a single process.
+
+    DDP averages the gradients of the parameters that require them (the student's) during backward, bucketed and
+    overlapped with computation; buffers are not broadcast (they are constants, or updated identically on every rank).
+    """
+    if is_sharded(model) or not distributed.is_enabled():
+        return model
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+    )
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the gradients to a total norm of `max_norm`; returns the norm before clipping as a plain tensor, the same on
+    every rank. With sharded gradients the norm is that of the whole gradient (the shards' squares summed over ranks).
+    """
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s weights whole, as a detached copy on CPU, on rank 0 ({} on the other ranks). Sharded weights are
+    gathered from every rank: then all ranks must call it."""
+    if not is_sharded(module):
+        if distributed.get_rank() != 0:
+            return {}
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
