@@ -9,18 +9,20 @@
   reduce-scattered, so each process updates only its shard. On CUDA the gathered weights are cast to the autocast
   dtype (`compute_precision.autocast_dtype`), while the sharded weights, the gradient reduction and AdamW stay fp32.
 
-A single process has nothing to shard: under `fsdp` it trains the plain model (its checkpoints are still written in
-the sharded layout, see dinocell.train.checkpoint).
+Under `fsdp` only rank 0 builds (and initialises) the model in CPU memory; the other ranks receive their shards from
+it. A single process has nothing to shard: it trains the plain model (its checkpoints are still written in the
+sharded layout, see dinocell.train.checkpoint).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -41,21 +43,40 @@ def mixed_precision(device: torch.device, autocast_dtype: str) -> MixedPrecision
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
-def shard_model(model: nn.Module, units: Iterable[nn.Module], policy: MixedPrecisionPolicy) -> bool:
-    """Apply FSDP2 in place: `fully_shard` on each unit (innermost first), then on `model` as the root.
+def shard_model(model: nn.Module, units: Iterable[nn.Module], policy: MixedPrecisionPolicy) -> None:
+    """Apply FSDP2 in place: `fully_shard` on each unit (innermost first), then on `model` as the root. Weights on the
+    CPU are moved to the process's device as shards; weights on the meta device stay there, unallocated.
 
     Must run before the optimiser is built (sharding replaces the parameters). Units called through
     `forward_features` instead of `forward` (backbones) get that method registered, so that their weights are gathered
-    for it. Returns False, leaving the model as it is, when there is only one process."""
-    if not distributed.is_enabled():
-        logger.info("train.parallelism=fsdp with one process: nothing to shard, the model is trained whole")
-        return False
+    for it."""
     for unit in units:
         fully_shard(unit, mp_policy=policy)
         if hasattr(unit, "forward_features"):
             register_fsdp_forward_method(unit, "forward_features")
     fully_shard(model)  # the root holds no weights of its own, so it casts nothing (the batch keeps its dtypes)
-    return True
+
+
+def build_sharded(build: Callable[[], nn.Module], units: Callable[[nn.Module], Iterable[nn.Module]],
+                  policy: MixedPrecisionPolicy, device: torch.device) -> nn.Module:
+    """`build()` sharded over the processes, with rank 0's initialisation (so the same as DDP's).
+
+    Only rank 0 builds the model in CPU memory; the other ranks build it on the meta device (no memory, no
+    initialisation, no weights file read) and receive their shards of rank 0's weights by broadcast. A node thus needs
+    the CPU memory of one model, not one per process. With one process there is nothing to shard: the plain model."""
+    if not distributed.is_enabled():
+        logger.info("train.parallelism=fsdp with one process: nothing to shard, the model is trained whole")
+        return build().to(device)
+    is_main = distributed.get_rank() == 0
+    with contextlib.nullcontext() if is_main else torch.device("meta"):
+        model = build()
+    weights = model.state_dict() if is_main else {}
+    shard_model(model, units(model), policy)
+    if not is_main:
+        model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, weights, options=options)
+    return model
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -89,7 +89,7 @@ class SSLMetaArch(nn.Module):
         super().__init__()
         self.cfg = cfg
         backbone = build_backbone(cfg.student.arch, **cfg.student.backbone_kwargs())
-        if cfg.student.pretrained_weights:
+        if cfg.student.pretrained_weights and next(backbone.parameters()).device.type != "meta":  # FSDP fills it
             report = load_pretrained(backbone, cfg.student.pretrained_weights, strict=True)
             logger.info("student and teacher backbones initialised from %s: %s", cfg.student.pretrained_weights, report)
         dino_head = _head(backbone.embed_dim, cfg.dino)

@@ -109,11 +109,11 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
         torch.backends.cudnn.allow_tf32 = True
 
     seed_everything(cfg.train.seed)  # identical model initialisation on every rank
-    model = SSLMetaArch(cfg)
-    if cfg.train.parallelism == "fsdp":  # before the optimiser: sharding replaces the parameters (and moves the shards)
+    if cfg.train.parallelism == "fsdp":  # before the optimiser: sharding replaces the parameters
         policy = parallel.mixed_precision(device, cfg.compute_precision.autocast_dtype)
-        parallel.shard_model(model, model.fsdp_units(), policy)
-    model.to(device)
+        model = parallel.build_sharded(lambda: SSLMetaArch(cfg), SSLMetaArch.fsdp_units, policy, device)
+    else:
+        model = SSLMetaArch(cfg).to(device)
     global_batch = cfg.train.batch_size_per_gpu * dist_info.world_size
     peak_lr = cfg.optim.scaled_lr(global_batch)
     logger.info(
