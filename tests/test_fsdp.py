@@ -80,7 +80,8 @@ def _assert_same_state(a: TrainState, b: TrainState) -> None:
 
 def test_sharded_checkpoint_round_trip_in_one_process(tmp_path):
     """The sharded layout on one process: DCP shards + train_state.pth, read back exactly (also by a run whose own
-    checkpoints are single files), a truncated shard skipped for the previous checkpoint."""
+    checkpoints are single files); a truncated shard is skipped for the previous checkpoint, a shard that fails only
+    while loading stops the resume (the model may hold part of it)."""
     state = _trained_state(sharded=True)
     ckpt.save_checkpoint(tmp_path, 5, state.state_dict(), max_to_keep=3, sharded=True)
     assert sorted(p.name for p in (tmp_path / "5").iterdir()) == [".metadata", "__0_0.distcp", "train_state.pth"]
@@ -100,9 +101,15 @@ def test_sharded_checkpoint_round_trip_in_one_process(tmp_path):
     state.iteration = 6
     ckpt.save_checkpoint(tmp_path, 6, state.state_dict(), max_to_keep=3, sharded=True)
     shard = tmp_path / "6" / "__0_0.distcp"
-    shard.write_bytes(shard.read_bytes()[:1000])
+    data = shard.read_bytes()
+    shard.write_bytes(data[:1000])
     path, _ = ckpt.load_latest_checkpoint(tmp_path, state.sharded_template)
     assert path == tmp_path / "5"
+    shard.write_bytes(bytes(len(data)))  # complete in size, garbage inside: found only while loading
+    with pytest.raises(ckpt.PartialLoadError, match=r"6 failed to load part-way .* move the checkpoint aside"):
+        ckpt.load_latest_checkpoint(tmp_path, state.sharded_template)
+    with pytest.raises(WeightsError, match=r"6 is a sharded checkpoint whose shards cannot be read"):
+        load_pretrained(_tiny_backbone(), tmp_path / "6")
 
     backbone = _tiny_backbone()
     report = load_pretrained(backbone, tmp_path / "5")

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: dinocell train --config-file configs/train/demo.yaml --output-dir output/demo "
         "optim.epochs=10",
     )
-    parser.add_argument("--config-file", default=None, help="YAML recipe merged over the default config")
+    parser.add_argument("--config-file", default=None,
+                        help="YAML recipe (a path, or an s3:// or https:// URL) merged over the default config")
     parser.add_argument("--output-dir", default=None, help="run directory (overrides train.output_dir)")
     parser.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
     parser.add_argument("--print-config", action="store_true", help="print the merged config and exit")

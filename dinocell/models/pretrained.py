@@ -139,8 +139,9 @@ def _read_dcp(path: Path) -> dict:
         with warnings.catch_warnings():  # DCP warns that it assumes one process: here that is the intent
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(tensors, storage_reader=dcp.FileSystemReader(path), no_dist=True)  # only this process reads
-    except Exception as e:  # DCP's CheckpointException wraps the failing read
-        raise WeightsError(f"{path} is a sharded checkpoint whose shards cannot be read ({e})") from None
+    except (Exception, dcp.CheckpointException) as e:  # DCP's exception (a BaseException) wraps the failing read
+        raise WeightsError(f"{path} is a sharded checkpoint whose shards cannot be read (damaged or incomplete "
+                           f"{DCP_INDEX} or .distcp files: {type(e).__name__})") from e
     return {"model": {k.removeprefix("model."): v for k, v in tensors.items()}}
 
 

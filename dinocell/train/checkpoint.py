@@ -33,6 +33,11 @@ from dinocell.models.pretrained import CHECKPOINT_FILE, TEACHER_FILE
 
 SHARDED_STATE_FILE = "train_state.pth"  # the small, unsharded part of a sharded checkpoint
 
+
+class PartialLoadError(RuntimeError):
+    """A sharded checkpoint failed while being loaded into the run's own tensors: the model may hold part of it, so
+    neither an older checkpoint nor a fresh start may follow."""
+
 logger = logging.getLogger("dinocell")
 
 
@@ -161,7 +166,8 @@ def _check_shard_files(ckpt_dir: Path) -> None:
 def read_checkpoint(ckpt_dir: Path, template: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
     """A checkpoint's contents as `save_checkpoint` got them. A sharded checkpoint is loaded into the tensors of
     `template()` (TrainState.sharded_template: this run's own model and optimiser state, sharded or not), which
-    reshards it to this run's processes."""
+    reshards it to this run's processes; its files are checked first, so that a damaged checkpoint is found before
+    anything is loaded (PartialLoadError if loading fails nonetheless)."""
     if (ckpt_dir / CHECKPOINT_FILE).is_file():
         return torch.load(ckpt_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     rest = torch.load(ckpt_dir / SHARDED_STATE_FILE, map_location="cpu", weights_only=True)
@@ -170,8 +176,12 @@ def read_checkpoint(ckpt_dir: Path, template: Callable[[], dict[str, Any]] | Non
         raise ValueError(f"{ckpt_dir} is a sharded checkpoint: reading it needs the run's state as a template")
     state = template()
     tensors = {"model": state["model"], "optimizer": state["optimizer"]["state"]}
-    with _one_process_quietly():
-        dcp.load(tensors, storage_reader=dcp.FileSystemReader(ckpt_dir), no_dist=not distributed.is_enabled())
+    try:
+        with _one_process_quietly():
+            dcp.load(tensors, storage_reader=dcp.FileSystemReader(ckpt_dir), no_dist=not distributed.is_enabled())
+    except (Exception, dcp.CheckpointException) as err:  # DCP's exception is a BaseException
+        raise PartialLoadError(f"{ckpt_dir} failed to load part-way ({type(err).__name__}, shown above); the run "
+                               "cannot continue from this state: move the checkpoint aside and start again") from err
     optimizer = {"state": tensors["optimizer"], "param_groups": rest.pop("param_groups")}
     return {**rest, "model": tensors["model"], "optimizer": optimizer}
 
@@ -184,6 +194,8 @@ def load_latest_checkpoint(
     for ckpt_dir in reversed(list_checkpoints(ckpt_root)):
         try:
             state, error = read_checkpoint(ckpt_dir, template), None
+        except PartialLoadError:
+            raise
         except Exception as err:  # a damaged file must not stop a 30-hour run from resuming from the previous one
             state, error = None, err
         failed = [e for e in distributed.all_gather_object(None if error is None else str(error)) if e is not None]
