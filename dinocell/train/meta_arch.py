@@ -141,8 +141,9 @@ class SSLMetaArch(nn.Module):
         weights = parallel.full_state_dict(self.teacher.backbone)
         if not weights:
             return None
-        backbone = build_backbone(self.cfg.student.arch, **self.cfg.student.backbone_kwargs())
-        backbone.load_state_dict(weights)
+        with torch.device("meta"):  # no initialisation, no memory: the gathered weights are taken as they are
+            backbone = build_backbone(self.cfg.student.arch, **self.cfg.student.backbone_kwargs())
+        backbone.load_state_dict(weights, assign=True)
         return backbone.to(next(self.teacher.parameters()).device).eval()
 
     @torch.no_grad()

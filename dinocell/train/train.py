@@ -229,5 +229,6 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
         init = knn.get("init", float("nan"))
         logger.info("k-NN top-1 (k=%d) of the teacher cls features: %.2f%% at initialisation -> %.2f%% trained "
                     "(%+.2f points)", cfg.evaluation.knn_k, init, knn["final"], knn["final"] - init)
+    distributed.barrier()  # ranks leave together: one that left while rank 0 evaluated once aborted a gloo run at exit
     metrics.close()
     return record
