@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 # Slurm jobs that share a node must not share a rendezvous port: each job's port is derived from its id, in a range
 # below Linux's ephemeral ports (32768-60999), which the kernel hands out to outgoing connections.
@@ -50,8 +50,11 @@ def _torchrun_env_from_slurm() -> None:
     os.environ.setdefault("MASTER_PORT", str(job_port))
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group described by torchrun's (or srun's) environment, or run as a single process."""
+def init_distributed(timeout_min: float | None = None) -> DistInfo:
+    """Join the process group described by torchrun's (or srun's) environment, or run as a single process.
+
+    `timeout_min`: how long a collective (or the start-up rendezvous) may wait for the slowest rank before the job
+    fails; None keeps torch's default (10 min with nccl, 30 min with gloo)."""
     _torchrun_env_from_slurm()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -62,7 +65,8 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        timeout = None if timeout_min is None else timedelta(minutes=timeout_min)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
@@ -104,17 +108,4 @@ def all_gather_object(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
-
-
-def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The module the training step calls: DistributedDataParallel around `model` when several processes train.
-
-    DDP averages the gradients of the parameters that require them (the student's) during backward, bucketed and
-    overlapped with computation; buffers are not broadcast (they are constants, or updated identically on every rank).
-    """
-    if not is_enabled():
-        return model
-    return DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-    )
 

@@ -74,6 +74,16 @@ def test_published_sizes(arch: str, published_millions: int, ffn_hidden: int) ->
     assert (mlp.w1 if hasattr(mlp, "w1") else mlp.fc1).out_features == ffn_hidden
 
 
+def test_builds_under_a_meta_default_device() -> None:
+    """FSDP builds large models under `with torch.device("meta")` (no device argument): nothing may need data."""
+    with torch.device("meta"):
+        model = build_backbone("vit_7b", drop_path_rate=0.4)
+    assert {p.device.type for p in [*model.parameters(), *model.buffers()]} == {"meta"}
+    rates = [block.drop_path.drop_prob for block in model.blocks[1:]]
+    assert isinstance(model.blocks[0].drop_path, torch.nn.Identity) and rates[-1] == pytest.approx(0.4)
+    assert rates == sorted(rates) and rates[0] == pytest.approx(0.4 / 39)
+
+
 def test_patch_8_gives_784_tokens_at_224() -> None:
     model = build_backbone("vit_small", patch_size=8, device="meta")
     out = model.forward_features(torch.empty(2, 3, 224, 224, device="meta"))

@@ -316,9 +316,9 @@ from dinocell.train.checkpoint import CHECKPOINT_FILE, atomic_save
 
 real_save = loop.save_checkpoint
 
-def save_then_die(root, iteration, state, max_to_keep):
+def save_then_die(root, iteration, state, max_to_keep, **kwargs):
     if iteration < 6:
-        return real_save(root, iteration, state, max_to_keep)
+        return real_save(root, iteration, state, max_to_keep, **kwargs)
     atomic_save(state, root / str(iteration), CHECKPOINT_FILE)  # complete, but neither pruned nor dumped
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -62,7 +62,7 @@ def test_two_view_batches_and_a_student_without_teacher():
     assert isinstance(model, SimCLRMetaArch) and model.SCHEDULED_INPUTS == ()
     prefixes = {".".join(k.split(".")[:2]) for k in model.state_dict()}
     assert prefixes == {"student.backbone", "student.projection_head"}
-    assert model.eval_backbone is model.student.backbone
+    assert model.eval_backbone() is model.student.backbone
     assert set(build_schedules(cfg, peak_lr=1e-3).at(0)) == {"lr", "weight_decay"}  # no teacher schedules
 
 

@@ -6,14 +6,15 @@ import pathlib
 from collections.abc import Sequence
 
 from dinocell.config import ConfigError, SSLConfig, load_config
+from dinocell.data.io.remote import read_text
 from dinocell.data.registry import DatasetStringError, parse_dataset_string
 from dinocell.models import check_arch
 
 
 def load_checked_config(config_file: str | pathlib.Path | None, overrides: Sequence[str]) -> SSLConfig:
-    """`load_config`, then the backbone name and every dataset string are checked (parsed, not built), so a typo
-    fails at start-up rather than after the model is set up."""
-    cfg = load_config(config_file, overrides)
+    """`load_config` (config files may be s3:// or http(s):// URLs), then the backbone name and every dataset string
+    are checked (parsed, not built), so a typo fails at start-up rather than after the model is set up."""
+    cfg = load_config(config_file, overrides, read_text=read_text)
     try:
         check_arch(cfg.student.arch)
     except ValueError as err:

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
             "      --input SyntheticCellPainting:split=test:size=400:image_size=96:cell_radius=12:plate_format=96 \\\n"
             "      --output-dir output/demo/map\n"
             "metadata: JUMP's tables from github.com/jump-cellpainting/datasets (metadata/), or any CSV with plate, "
-            "well and perturbation columns (Metadata_ prefix optional)."
+            "well and perturbation columns (Metadata_ prefix optional). Tables (CSV, .csv.gz, parquet) may be local "
+            "files or s3:// / https:// URLs."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", required=True, help="name of the run and of its objects (lower case, digits, '-')")
     parser.add_argument("--image", required=True, help="training image (built from deploy/Dockerfile)")
     parser.add_argument("--output", required=True, help="run storage: pvc:CLAIM or s3://bucket/prefix")
-    parser.add_argument("--config-file", default=None, help="YAML recipe merged over the default config")
+    parser.add_argument("--config-file", default=None,
+                        help="YAML recipe (a path, or an s3:// or https:// URL) merged over the default config")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.batch_size_per_gpu=32")
     parser.add_argument("--nodes", type=int, default=1, help="pods, one per node (default %(default)s)")
     parser.add_argument("--gpus-per-node", type=int, default=1,

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run = parser.add_argument_group("training (as for `dinocell train`)")
-    run.add_argument("--config-file", default=None, help="YAML recipe merged over the default config")
+    run.add_argument("--config-file", default=None,
+                     help="YAML recipe (a path, or an s3:// or https:// URL) merged over the default config")
     run.add_argument("--output-dir", default=None, help="run directory, on storage every node sees "
                      "(default: train.output_dir)")
     run.add_argument("--no-resume", action="store_true",

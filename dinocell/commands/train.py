@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples: dinocell train --config-file configs/train/demo.yaml --output-dir output/demo "
         "optim.epochs=10;  dinocell train --config-file configs/train/simclr_resnet18_demo.yaml",
     )
-    parser.add_argument("--config-file", default=None, help="YAML recipe merged over the default config")
+    parser.add_argument("--config-file", default=None,
+                        help="YAML recipe (a path, or an s3:// or https:// URL) merged over the default config")
     parser.add_argument("--output-dir", default=None, help="run directory (overrides train.output_dir)")
     parser.add_argument("--no-resume", action="store_true",
                         help="start from scratch: an earlier run's files in the output directory are moved into "

@@ -4,35 +4,48 @@ Merge order: the schema's defaults (dinocell.config.schema, documented in dinoce
 <- `--config-file` (which may extend another file through `_base_: other.yaml`, resolved relative to itself,
 recursively) <- command-line dotlist overrides. Every layer is checked on its own before the merge, so an unknown key
 or a value of the wrong type is reported with the file (or the command line) that set it.
+
+A config file may also be a URL (`s3://bucket/recipe.yaml`, `https://...`), its `_base_` then resolved relative to
+the URL; URLs are read through the `read_text` a caller passes (dinocell's commands pass dinocell.data.io.remote's),
+since this package imports no other part of dinocell.
 """
 
 from __future__ import annotations
 
 import difflib
 import pathlib
+import posixpath
+import re
 import types
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dinocell.config.schema import SSLConfig, section_types
 from dinocell.errors import UserError
 
 BASE_KEY = "_base_"
+URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
 
 
 class ConfigError(UserError, ValueError):
     """A configuration key that does not exist, or a value of the wrong type or out of range."""
 
 
-def load_config(config_file: str | pathlib.Path | None = None, overrides: Sequence[str] = ()) -> SSLConfig:
-    """Defaults <- `config_file` (and its `_base_` chain) <- dotlist `overrides`; validated."""
+def load_config(
+    config_file: str | pathlib.Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    read_text: Callable[[str], str] | None = None,
+) -> SSLConfig:
+    """Defaults <- `config_file` (and its `_base_` chain) <- dotlist `overrides`; validated. `read_text(url)` reads
+    config files given as URLs (without it, a URL is an error)."""
     layers: list[tuple[DictConfig, str]] = []
     if config_file is not None:
-        layers += _file_layers(pathlib.Path(config_file), ())
+        layers += _file_layers(str(config_file), (), read_text)
     if overrides:
         try:
             layers.append((OmegaConf.from_dotlist(list(overrides)), "the command line"))
@@ -89,28 +102,57 @@ def _lookup(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-def _file_layers(path: pathlib.Path, chain: tuple[pathlib.Path, ...]) -> list[tuple[DictConfig, str]]:
-    """The file and its `_base_` ancestors, base first, each with a label naming the file."""
-    path = path.expanduser().resolve()
-    if path in chain:
-        cycle = " -> ".join(str(p) for p in (*chain, path))
-        raise ConfigError(f"config files extend each other in a cycle: {cycle}")
-    if not path.is_file():
-        where = f" (named as {BASE_KEY} in {chain[-1]})" if chain else ""
-        raise ConfigError(f"config file '{path}' does not exist{where}")
+def _locate(location: str, relative_to: str | None = None) -> str:
+    """An absolute path or URL for `location`, read relative to the file `relative_to` (a path or a URL)."""
+    if URL.match(location):
+        return location
+    if relative_to is not None and URL.match(relative_to) and not location.startswith("/"):
+        scheme, rest = relative_to.split("://", 1)
+        host, _, path = rest.partition("/")
+        return f"{scheme}://{host}{posixpath.normpath(posixpath.join('/', posixpath.dirname(path), location))}"
+    base = pathlib.Path(relative_to).parent if relative_to is not None else pathlib.Path()
+    return str((base / pathlib.Path(location).expanduser()).resolve())
+
+
+def _read_layer(location: str, read_text: Callable[[str], str] | None, where: str) -> DictConfig | ListConfig:
+    if not URL.match(location):
+        if not pathlib.Path(location).is_file():
+            raise ConfigError(f"config file '{location}' does not exist{where}")
+        text = pathlib.Path(location).read_text()
+    elif read_text is None:
+        raise ConfigError(f"config file '{location}' is a URL: load it through a dinocell command (or pass "
+                          "read_text=dinocell.data.io.remote.read_text)")
+    else:
+        try:
+            text = read_text(location)
+        except FileNotFoundError:
+            raise ConfigError(f"config file '{location}' does not exist{where}") from None
+        except OSError as err:  # refused, unreachable
+            raise ConfigError(f"config file '{location}' cannot be read{where}: {err}") from None
     try:
-        layer = OmegaConf.load(path)
+        return OmegaConf.create(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {' '.join(str(err).split())}") from None
+        raise ConfigError(f"config file '{location}' is not valid YAML: {' '.join(str(err).split())}") from None
+
+
+def _file_layers(
+    location: str, chain: tuple[str, ...], read_text: Callable[[str], str] | None
+) -> list[tuple[DictConfig, str]]:
+    """The file and its `_base_` ancestors, base first, each with a label naming the file."""
+    location = _locate(location, chain[-1] if chain else None)
+    if location in chain:
+        cycle = " -> ".join((*chain, location))
+        raise ConfigError(f"config files extend each other in a cycle: {cycle}")
+    layer = _read_layer(location, read_text, f" (named as {BASE_KEY} in {chain[-1]})" if chain else "")
     if not isinstance(layer, DictConfig):
-        raise ConfigError(f"config file '{path}' must hold a mapping of sections, not a {type(layer).__name__}")
+        raise ConfigError(f"config file '{location}' must hold a mapping of sections, not a {type(layer).__name__}")
     layers: list[tuple[DictConfig, str]] = []
     if BASE_KEY in layer:
         base = layer.pop(BASE_KEY)
         if not isinstance(base, str):
-            raise ConfigError(f"{BASE_KEY} in '{path}' must be one file name, got {base!r}")
-        layers = _file_layers(path.parent / base, (*chain, path))
-    return [*layers, (layer, f"config file '{path}'")]
+            raise ConfigError(f"{BASE_KEY} in '{location}' must be one file name, got {base!r}")
+        layers = _file_layers(base, (*chain, location), read_text)
+    return [*layers, (layer, f"config file '{location}'")]
 
 
 def leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

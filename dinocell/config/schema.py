@@ -27,6 +27,7 @@ CHANNEL_VIEWS = ("all", "mean", "single")
 CENTERINGS = ("sinkhorn_knopp", "centering")
 METHODS = ("dino", "simclr")  # DINO + iBOT + KoLeo (student/teacher), or SimCLR (NT-Xent on two views)
 BEST_METRICS = {"val_loss": "min", "knn_top1": "max"}  # checkpointing.best_metric -> which direction is better
+PARALLELISMS = ("ddp", "fsdp")  # a whole model per process (DDP), or sharded over the processes (FSDP2)
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # config name -> torch dtype name
 # lr scaling with the global batch: rule -> factor of optim.lr
 SCALING_RULES: dict[str, Callable[[int], float]] = {
@@ -203,15 +204,19 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 10
     early_stopping_patience: int = 0
     early_stopping_min_delta: float = 0.0
+    parallelism: str = "ddp"
+    dist_timeout_min: float = 30.0
 
     def problems(self) -> Problems:
         yield from _positive(
             self, "batch_size_per_gpu", "grad_accum_steps", "OFFICIAL_EPOCH_LENGTH", "log_every",
-            "max_consecutive_nonfinite",
+            "max_consecutive_nonfinite", "dist_timeout_min",
         )
         yield from _non_negative(self, "num_workers", "seed", "early_stopping_patience", "early_stopping_min_delta")
         for message in _choice(self.centering, CENTERINGS):
             yield "centering", message
+        for message in _choice(self.parallelism, PARALLELISMS):
+            yield "parallelism", message
 
 
 @dataclass
@@ -418,6 +423,9 @@ class SSLConfig:
         if self.method == "simclr" and self.crops.local_crops_number > 0:
             yield "crops.local_crops_number", "must be 0 with method=simclr: SimCLR trains on the two global crops " \
                 "(its two views, crop groups global1 and global2)"
+        if self.method == "simclr" and self.train.parallelism == "fsdp":
+            yield "train.parallelism", "fsdp shards DINO's student and teacher; method=simclr trains with ddp (its " \
+                "encoders fit one GPU)"
         patch, crops = self.student.patch_size if self.student.is_vit else 0, self.crops
         if patch > 0 and crops.global_crops_size % patch:
             yield "crops.global_crops_size", f"is not a multiple of student.patch_size={patch}"

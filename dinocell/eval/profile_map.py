@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dinocell.data.io.remote import is_remote, open_input
 from dinocell.eval.errors import EvalError
 
 # role -> accepted column names (case-insensitive), JUMP's first
@@ -66,14 +67,16 @@ def find_column(table: pd.DataFrame, role: str, where: str, *, required: bool = 
                     f"{', '.join(map(str, table.columns))}")
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """A CSV (optionally .gz) or parquet table, every column as text."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"metadata table {path} does not exist")
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path).astype(str)
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+def read_table(location: str | Path) -> pd.DataFrame:
+    """A CSV (optionally .gz) or parquet table, every column as text; a local path or an s3:// or http(s):// URL."""
+    name = str(location)
+    if not is_remote(name) and not Path(name).is_file():
+        raise FileNotFoundError(f"metadata table {name} does not exist")
+    with open_input(name) as f:  # a URL that does not exist raises FileNotFoundError naming it
+        if name.endswith(".parquet"):
+            return pd.read_parquet(f).astype(str)
+        compression = "gzip" if name.endswith(".gz") else None  # pandas infers it from file names, not from streams
+        return pd.read_csv(f, dtype=str, keep_default_na=False, compression=compression)
 
 
 def well_profiles(features: np.ndarray, fields: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:

@@ -5,15 +5,19 @@ Accepted sources: an official DINOv3 backbone file (torch.hub layout), a torchvi
 SimCLR), this project's training checkpoints
 (`ckpt/<iteration>/` or its checkpoint.pth, whose "model" entry holds "teacher.backbone.*" or "student.backbone.*"),
 fine-tuning checkpoints (`dinocell eval finetune`'s checkpoints/best/, "model" holding "backbone.*" and "head.*"),
-Hugging Face DINOv3 weights (a transformers model directory or its state dict), an in-memory state dict, or a URL.
-Files are read with weights_only=True or safetensors: a checkpoint is untrusted input. Adaptations: channel count of
-the input layer (mean kernel), ViT patch size (pseudo-inverse resize of the kernel).
+Hugging Face DINOv3 weights (a transformers model directory or its state dict), an in-memory state dict, or a file at
+an `s3://`, `http://` or `https://` URL (downloaded once per machine into dinocell's cache, dinocell.data.io.remote).
+Sharded training checkpoints (torch.distributed.checkpoint directories of `train.parallelism=fsdp`) are read whole.
+Files are read with weights_only=True or safetensors: a checkpoint is untrusted input (a sharded checkpoint's index,
+a pickle, is admitted only if it holds nothing but DCP's own records). Adaptations: channel count of the input layer
+(mean kernel), ViT patch size (pseudo-inverse resize of the kernel).
 """
 
 import difflib
 import json
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from dinocell.data.io.remote import fetch, is_remote
 from dinocell.errors import UserError
 from dinocell.models.backbones import Backbone
 from dinocell.models.resnet import RESNET_ARCHS, ResNetBackbone
@@ -36,6 +41,15 @@ EVAL_DUMP_FILES = {"teacher": TEACHER_FILE, "student": STUDENT_FILE}  # eval dum
 CHECKPOINT_FILES = (
     CHECKPOINT_FILE, TEACHER_FILE, STUDENT_FILE, "model.safetensors", "model.safetensors.index.json"
 )
+DCP_INDEX = ".metadata"  # the index of a torch.distributed.checkpoint directory (a sharded training checkpoint)
+# What a DCP index may contain: its record classes, torch dtypes and sizes, and paths; nothing that can run code.
+DCP_INDEX_GLOBALS = {
+    *(("torch.distributed.checkpoint.metadata", n) for n in ("Metadata", "TensorStorageMetadata", "TensorProperties",
+                                                             "ChunkStorageMetadata", "BytesStorageMetadata",
+                                                             "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+}
 # Keys of the official ViT layout (after the Hugging Face renaming) and of torchvision's ResNets; a file with none of
 # them is another model.
 BACKBONE_KEY = re.compile(
@@ -104,20 +118,57 @@ def _read_sharded(index_path: Path) -> dict:
     return merged
 
 
+class _DCPIndexUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in DCP_INDEX_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                    torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a checkpoint index never holds")
+
+
+def _read_dcp(path: Path) -> dict:
+    """The backbone weights (the teacher's, else the student's) of a sharded training checkpoint, gathered whole, as
+    {"model": {"teacher.backbone.*": ...}}."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        with open(path / DCP_INDEX, "rb") as f:
+            entries = _DCPIndexUnpickler(f).load().state_dict_metadata
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+        raise WeightsError(f"{path / DCP_INDEX} is not a readable torch.distributed.checkpoint index ({e})") from None
+    for prefix in ("model.teacher.backbone.", "model.student.backbone."):
+        if keys := [k for k, v in entries.items() if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)]:
+            break
+    tensors = {k: torch.empty(entries[k].size, dtype=entries[k].properties.dtype) for k in keys}
+    try:
+        with warnings.catch_warnings():  # DCP warns that it assumes one process: here that is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(tensors, storage_reader=dcp.FileSystemReader(path), no_dist=True)  # only this process reads
+    except (Exception, dcp.CheckpointException) as e:  # DCP's exception (a BaseException) wraps the failing read
+        raise WeightsError(f"{path} is a sharded checkpoint whose shards cannot be read (damaged or incomplete "
+                           f"{DCP_INDEX} or .distcp files: {type(e).__name__})") from e
+    return {"model": {k.removeprefix("model."): v for k, v in tensors.items()}}
+
+
 def _read(source: str | Path | Mapping) -> tuple[Mapping, str]:
     """The raw object stored at `source` and a printable name for it."""
     if isinstance(source, Mapping):
         return source, "<state dict>"
-    text = str(source)
-    if text.startswith(("http://", "https://")):
+    if is_remote(source):
         try:
-            return torch.hub.load_state_dict_from_url(text, map_location="cpu", weights_only=True), text
-        except OSError as e:  # urllib's URLError/HTTPError: no network, refused, gated file
+            local = fetch(source)
+        except (FileNotFoundError, PermissionError):
+            raise
+        except Exception as e:  # no network, an unreachable endpoint, a server error
             raise WeightsError(
-                f"could not download {text} ({type(e).__name__}: {e}); download it where a network is available and "
-                f"pass the local file path instead (e.g. student.pretrained_weights=/path/to/file.pth)"
+                f"could not download {source} ({type(e).__name__}: {e}); download it where a network is available "
+                f"and pass the local file path instead (e.g. student.pretrained_weights=/path/to/file.pth)"
             ) from e
+        return _read_file(local), str(source)
     path = Path(source)
+    if path.is_dir() and (path / DCP_INDEX).is_file():
+        return _read_dcp(path), str(path)
     if path.is_dir():
         for name in CHECKPOINT_FILES:
             if (path / name).is_file():

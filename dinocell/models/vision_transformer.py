@@ -102,7 +102,8 @@ class DinoVisionTransformer(nn.Module):
             rescale_coords=pos_embed_rope_rescale_coords,
             device=device,
         )
-        drop_rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        # computed on CPU, so that building under `with torch.device("meta")` works too
+        drop_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             SelfAttentionBlock(
                 embed_dim,

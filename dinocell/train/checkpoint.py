@@ -1,26 +1,44 @@
 """Crash-safe checkpoints, eval dumps and RNG state capture.
 
-Layout: `output_dir/ckpt/<iteration>/checkpoint.pth`, the best one by the validation metric in
-`output_dir/ckpt/best/checkpoint.pth` (never pruned, never resumed from). A checkpoint is written into a hidden
-temporary directory, fsynced, then renamed: the rename is atomic, so a checkpoint directory is always complete and a
-crash while writing leaves at most a stray `.tmp-*` directory that the next save removes. Everything stored is
-readable with `torch.load(weights_only=True)` (tensors, numbers, strings, lists, dicts, None).
+Layout: `output_dir/ckpt/<iteration>/`, and the best one by the validation metric in `output_dir/ckpt/best/` (never
+pruned, never resumed from), each in one of two forms:
+- single file (`train.parallelism=ddp`): `checkpoint.pth`, written by rank 0;
+- sharded (`train.parallelism=fsdp`): a torch.distributed.checkpoint (DCP) directory, where every rank writes its
+  shards of the model and of the optimiser state (`__<rank>_0.distcp`, indexed by `.metadata`), plus
+  `train_state.pth` with the rest (iteration, RNG states, optimiser hyper-parameters). DCP reshards on loading, so a
+  run resumes on any number of processes, and either parallelism reads either form.
+A checkpoint is written into a hidden temporary directory, fsynced, then renamed: the rename is atomic, so a checkpoint
+directory is always complete and a crash while writing leaves at most a stray `.tmp-*` directory that the next save
+removes. Everything stored outside DCP's index is readable with `torch.load(weights_only=True)` (tensors, numbers,
+strings, lists, dicts, None); DCP stores only tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import shutil
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 
+from dinocell import distributed
 from dinocell.errors import UserError
 from dinocell.models.pretrained import CHECKPOINT_FILE, EVAL_DUMP_FILES, why_unreadable
+
+SHARDED_STATE_FILE = "train_state.pth"  # the small, unsharded part of a sharded checkpoint
+
+
+class PartialLoadError(RuntimeError):
+    """A sharded checkpoint failed while being loaded into the run's own tensors: the model may hold part of it, so
+    neither an older checkpoint nor a fresh start may follow."""
 
 logger = logging.getLogger("dinocell")
 
@@ -37,17 +55,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, final_dir: Path, filename: str) -> Path:
-    """Write `obj` to `final_dir/filename` via a temporary sibling directory and an atomic rename."""
-    final_dir = Path(final_dir)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = final_dir.parent / f".tmp-{final_dir.name}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir()
-    with open(tmp_dir / filename, "wb") as f:
+def _staging_dir(final_dir: Path) -> Path:
+    return final_dir.parent / f".tmp-{final_dir.name}"
+
+
+def _write_file(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _publish(tmp_dir: Path, final_dir: Path) -> None:
+    """Rename the complete `tmp_dir` to `final_dir`, atomically."""
     _fsync_dir(tmp_dir)
     # An existing directory (eval/final of an earlier run, or an iteration saved again after a resume) is moved
     # aside, not deleted, until the new one is in place: a crash at any moment leaves a complete copy.
@@ -58,7 +78,55 @@ def atomic_save(obj: Any, final_dir: Path, filename: str) -> Path:
     os.rename(tmp_dir, final_dir)
     _fsync_dir(final_dir.parent)
     shutil.rmtree(replaced, ignore_errors=True)
+
+
+def atomic_save(obj: Any, final_dir: Path, filename: str) -> Path:
+    """Write `obj` to `final_dir/filename` via a temporary sibling directory and an atomic rename."""
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = _staging_dir(final_dir)
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+    _write_file(obj, tmp_dir / filename)
+    _publish(tmp_dir, final_dir)
     return final_dir / filename
+
+
+def _save_sharded(state: dict[str, Any], final_dir: Path) -> None:
+    """Collective: each rank writes its shards of the model and optimiser state; rank 0 the rest, then renames."""
+    tmp_dir = _staging_dir(final_dir)
+    if distributed.get_rank() == 0:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir(parents=True)
+    distributed.barrier()
+    tensors, rest = _split(state)
+    with _one_process_quietly():
+        writer = dcp.FileSystemWriter(tmp_dir, sync_files=True)
+        dcp.save(tensors, storage_writer=writer, no_dist=not distributed.is_enabled())  # returns once all ranks wrote
+    if distributed.get_rank() == 0:
+        _write_file(rest, tmp_dir / SHARDED_STATE_FILE)
+        _publish(tmp_dir, final_dir)
+    distributed.barrier()
+
+
+@contextlib.contextmanager
+def _one_process_quietly() -> Iterator[None]:
+    """DCP warns that it assumes a single process whenever there is no process group: here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _split(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what DCP stores: model and optimiser tensors keyed by parameter name, what train_state.pth stores)."""
+    optimizer = state["optimizer"]
+    rest = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+    rest["param_groups"] = optimizer["param_groups"]
+    return {"model": state["model"], "optimizer": optimizer["state"]}, rest
+
+
+def _is_complete(ckpt_dir: Path) -> bool:
+    return (ckpt_dir / CHECKPOINT_FILE).is_file() or (ckpt_dir / SHARDED_STATE_FILE).is_file()
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -66,18 +134,27 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
-    dirs = [d for d in root.iterdir() if d.is_dir() and d.name.isdigit() and (d / CHECKPOINT_FILE).is_file()]
+    dirs = [d for d in root.iterdir() if d.is_dir() and d.name.isdigit() and _is_complete(d)]
     return sorted(dirs, key=lambda d: int(d.name))
 
 
 BEST = "best"  # ckpt/best/: the checkpoint with the best validation metric so far
 
 
-def save_checkpoint(ckpt_root: Path, iteration: int | str, state: dict[str, Any], max_to_keep: int) -> Path:
-    """Save `state` as checkpoint `iteration` (or BEST) and keep only the newest `max_to_keep` numbered ones."""
-    path = atomic_save(state, Path(ckpt_root) / str(iteration), CHECKPOINT_FILE)
-    prune_checkpoints(ckpt_root, max_to_keep)
-    return path
+def save_checkpoint(ckpt_root: Path, iteration: int | str, state: dict[str, Any], max_to_keep: int, *,
+                    sharded: bool = False) -> Path:
+    """Save `state` as checkpoint `iteration` (or BEST) and keep only the newest `max_to_keep` numbered ones. Every
+    rank calls it: a single-file checkpoint is written by rank 0; a sharded one (`state` from TrainState with
+    sharded=True: the optimiser keyed by parameter name) by all ranks, and it is complete on every rank when this
+    returns."""
+    final_dir = Path(ckpt_root) / str(iteration)
+    if sharded:
+        _save_sharded(state, final_dir)
+    elif distributed.get_rank() == 0:
+        atomic_save(state, final_dir, CHECKPOINT_FILE)
+    if distributed.get_rank() == 0:
+        prune_checkpoints(ckpt_root, max_to_keep)
+    return final_dir
 
 
 def prune_checkpoints(ckpt_root: Path, max_to_keep: int) -> None:
@@ -86,18 +163,62 @@ def prune_checkpoints(ckpt_root: Path, max_to_keep: int) -> None:
         shutil.rmtree(stray, ignore_errors=True)
     for old in list_checkpoints(ckpt_root)[:-max_to_keep] if max_to_keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+def _check_shard_files(ckpt_dir: Path) -> None:
+    """Raise when a shard file DCP's index names is missing or shorter than the data it should hold (a damaged or
+    partly copied checkpoint), before anything is loaded into the model."""
+    metadata = dcp.FileSystemReader(ckpt_dir).read_metadata()
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in needed.items():
+        path = ckpt_dir / name
+        if not path.is_file() or path.stat().st_size < size:
+            raise OSError(f"{path} is missing or truncated")
 
 
-def load_latest_checkpoint(ckpt_root: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads; an unreadable one is reported and the previous one is tried. None when there
-    is no checkpoint; UnreadableCheckpointsError when there are some and none loads."""
+def read_checkpoint(ckpt_dir: Path, template: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A checkpoint's contents as `save_checkpoint` got them. A sharded checkpoint is loaded into the tensors of
+    `template()` (TrainState.sharded_template: this run's own model and optimiser state, sharded or not), which
+    reshards it to this run's processes; its files are checked first, so that a damaged checkpoint is found before
+    anything is loaded (PartialLoadError if loading fails nonetheless)."""
+    if (ckpt_dir / CHECKPOINT_FILE).is_file():
+        return torch.load(ckpt_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    rest = torch.load(ckpt_dir / SHARDED_STATE_FILE, map_location="cpu", weights_only=True)
+    _check_shard_files(ckpt_dir)
+    if template is None:
+        raise ValueError(f"{ckpt_dir} is a sharded checkpoint: reading it needs the run's state as a template")
+    state = template()
+    tensors = {"model": state["model"], "optimizer": state["optimizer"]["state"]}
+    try:
+        with _one_process_quietly():
+            dcp.load(tensors, storage_reader=dcp.FileSystemReader(ckpt_dir), no_dist=not distributed.is_enabled())
+    except (Exception, dcp.CheckpointException) as err:  # DCP's exception is a BaseException
+        raise PartialLoadError(f"{ckpt_dir} failed to load part-way ({type(err).__name__}, shown above); the run "
+                               "cannot continue from this state: move the checkpoint aside and start again") from err
+    optimizer = {"state": tensors["optimizer"], "param_groups": rest.pop("param_groups")}
+    return {**rest, "model": tensors["model"], "optimizer": optimizer}
+
+
+def load_latest_checkpoint(
+    ckpt_root: Path, template: Callable[[], dict[str, Any]] | None = None
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads; an unreadable one is reported and the previous one is tried. Every rank
+    calls it and all take the same one (a checkpoint one rank cannot read is skipped by all). None when there is no
+    checkpoint; UnreadableCheckpointsError when there are some and none loads."""
     unreadable = []
     for ckpt_dir in reversed(list_checkpoints(ckpt_root)):
         try:
-            return ckpt_dir, torch.load(ckpt_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+            state, error = read_checkpoint(ckpt_dir, template), None
+        except PartialLoadError:
+            raise
         except Exception as err:  # a damaged file must not stop a 30-hour run from resuming from the previous one
-            logger.warning("checkpoint %s is unreadable (%s); trying the previous one", ckpt_dir, why_unreadable(err))
-            unreadable.append(f"{ckpt_dir.name} ({why_unreadable(err)})")
+            state, error = None, err
+        reasons = distributed.all_gather_object(None if error is None else why_unreadable(error))
+        failed = [reason for reason in reasons if reason is not None]
+        if not failed:
+            return ckpt_dir, state
+        logger.warning("checkpoint %s is unreadable (%s); trying the previous one", ckpt_dir, failed[0])
+        unreadable.append(f"{ckpt_dir.name} ({failed[0]})")
     if unreadable:
         raise UnreadableCheckpointsError(
             f"no checkpoint in {ckpt_root} can be read: {'; '.join(unreadable)}. They are left as they are. Restore a "

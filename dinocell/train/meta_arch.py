@@ -18,7 +18,7 @@ import torch
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
-from dinocell import distributed
+from dinocell import distributed, parallel
 from dinocell.config.schema import DinoConfig, IBotConfig, SSLConfig
 from dinocell.layers.dino_head import DINOHead
 from dinocell.loss import dino_loss, ibot_loss, koleo_loss, logit_sum, sinkhorn_knopp, softmax_center, update_center
@@ -84,8 +84,8 @@ class SSLMetaArch(nn.Module):
     """Student and teacher (method dino). `forward` computes the loss of a batch and has no side effects on the model's
     state; `after_step` applies the teacher's EMA and the centers' updates once the optimiser step is taken.
 
-    Several processes wrap the whole module in DistributedDataParallel: only the student's parameters require
-    gradients, so only they are averaged.
+    Several processes wrap the whole module in DistributedDataParallel (only the student's parameters require
+    gradients, so only they are averaged), or shard it with FSDP2 along `fsdp_units` (dinocell.parallel).
     """
 
     SCHEDULED_INPUTS = ("teacher_temp",)  # scheduled values `forward` takes
@@ -99,7 +99,7 @@ class SSLMetaArch(nn.Module):
             )
         self.cfg = cfg
         backbone = build_backbone(cfg.student.arch, **cfg.student.backbone_kwargs())
-        if cfg.student.pretrained_weights:
+        if cfg.student.pretrained_weights and next(backbone.parameters()).device.type != "meta":  # FSDP fills it
             report = load_pretrained(backbone, cfg.student.pretrained_weights, strict=True)
             logger.info("student and teacher backbones initialised from %s: %s", cfg.student.pretrained_weights, report)
         dino_head = _head(backbone.embed_dim, cfg.dino)
@@ -117,10 +117,22 @@ class SSLMetaArch(nn.Module):
         self.teacher.eval()  # the teacher never trains (no drop path, no RoPE augmentation)
         return self
 
-    @property
-    def eval_backbone(self) -> nn.Module:
-        """The backbone whose features are evaluated (k-NN) and dumped: the teacher's, as in DINO."""
-        return self.teacher.backbone
+    def fsdp_units(self) -> list[nn.Module]:
+        """What FSDP shards as units, innermost first: each backbone block, the heads, then each backbone (its
+        embeddings, tokens and norm), for the student and the teacher alike, so that the EMA update pairs local
+        shards."""
+        units: list[nn.Module] = []
+        for net in (self.student, self.teacher):
+            heads = [net.dino_head] if net.ibot_head is net.dino_head else [net.dino_head, net.ibot_head]
+            units += [*getattr(net.backbone, "blocks", ()), *heads, net.backbone]
+        return units
+
+    def eval_backbone(self) -> nn.Module | None:
+        """The teacher's backbone whole, for evaluation (k-NN) in one process, as in DINO: every rank must call it
+        (FSDP gathers the shards); ranks other than 0 get None."""
+        return parallel.whole_module(
+            self.teacher.backbone, lambda: build_backbone(self.cfg.student.arch, **self.cfg.student.backbone_kwargs())
+        )
 
     @torch.no_grad()
     def after_step(self, values: Mapping[str, float], updates: dict[str, torch.Tensor]) -> None:
@@ -134,18 +146,21 @@ class SSLMetaArch(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+        """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter (shard by shard under
+        FSDP)."""
         student = list(self.student.parameters())
         teacher = list(self.teacher.parameters())
         torch._foreach_mul_(teacher, momentum)
         torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
 
     def teacher_state_dict(self) -> dict[str, torch.Tensor]:
-        """Teacher weights as in an eval dump: keys backbone.*, dino_head.*, ibot_head.*."""
-        return {k: v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()}
+        """Teacher weights as in an eval dump: keys backbone.*, dino_head.*, ibot_head.*. Under FSDP they are
+        gathered from the shards: every rank must call it, and only rank 0 gets them ({} elsewhere)."""
+        return parallel.full_state_dict(self.teacher)
 
     def eval_dump(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The eval dump's contents, DINOv3's layout: {"teacher": {backbone.*, dino_head.*, ibot_head.*}}."""
+        """The eval dump's contents, DINOv3's layout: {"teacher": {backbone.*, dino_head.*, ibot_head.*}}. Every rank
+        must call it (FSDP gathers the shards); ranks other than 0 get {"teacher": {}}."""
         return {"teacher": self.teacher_state_dict()}
 
     @torch.no_grad()

@@ -103,7 +103,7 @@ def check_config_change(cfg: SSLConfig, out: Path) -> list[str]:
 def resume_from_checkpoint(ckpt_root: Path, state: TrainState, total_iterations: int, *, is_main: bool) -> Path | None:
     """Load the newest readable checkpoint into `state` (every rank; collective) and return its directory, or None
     when there is none. A checkpoint that does not fit the model, or lies beyond the run's end, is a ResumeError."""
-    latest = load_latest_checkpoint(ckpt_root)
+    latest = load_latest_checkpoint(ckpt_root, state.sharded_template)
     if latest is None:
         return None
     ckpt_dir, saved = latest

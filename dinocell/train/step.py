@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from dinocell import distributed
+from dinocell import distributed, parallel
 from dinocell.config.schema import AUTOCAST_DTYPES
 from dinocell.pipeline.batch import SSLBatch
 from dinocell.train.methods import SSLMethod
@@ -65,7 +65,7 @@ class TrainStep:
         autocast_dtype: str,
     ) -> None:
         self.model = model
-        self.forward = distributed.wrap_model(model, device)
+        self.forward = parallel.wrap_model(model, device)
         self.optimizer = optimizer
         self.params = [p for p in model.student.parameters() if p.requires_grad]
         self.max_norm = clip_grad if clip_grad > 0 else math.inf
@@ -94,7 +94,7 @@ class TrainStep:
             losses.append(out.loss.detach())
             terms.append(out.terms)
             updates.append(out.updates)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        grad_norm = parallel.clip_grad_norm(self.params, self.max_norm)
         loss = distributed.all_reduce_mean(_mean(losses))
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         if finite:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from dinocell import distributed
+from dinocell import distributed, parallel
 from dinocell.config import SSLConfig, config_to_dict, save_config
 from dinocell.data.dataset import SampleDataset
 from dinocell.errors import UserError
@@ -80,7 +80,7 @@ def train(cfg: SSLConfig, *, resume: bool = True, stop: StopRequest | None = Non
     dataset = preflight(cfg)  # before anything is built or written
     out = Path(cfg.train.output_dir)
     resume_warnings = check_config_change(cfg, out) if resume else []  # a refused resume changes nothing on disk
-    dist_info = distributed.init_distributed()
+    dist_info = distributed.init_distributed(cfg.train.dist_timeout_min)
     device, is_main = dist_info.device, dist_info.is_main
     replaced = set_aside_run(out) if not resume and is_main else None  # --no-resume, before logs/ is reopened
     out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,11 @@ def train(cfg: SSLConfig, *, resume: bool = True, stop: StopRequest | None = Non
         torch.backends.cudnn.allow_tf32 = True
 
     seed_everything(cfg.train.seed)  # identical model initialisation on every rank
-    model = build_method(cfg).to(device)
+    if cfg.train.parallelism == "fsdp":  # before the optimiser: sharding replaces the parameters
+        policy = parallel.mixed_precision(device, cfg.compute_precision.autocast_dtype)
+        model = parallel.build_sharded(lambda: build_method(cfg), lambda m: m.fsdp_units(), policy, device)
+    else:
+        model = build_method(cfg).to(device)
     accum = cfg.train.grad_accum_steps
     global_batch = cfg.train.batch_size_per_gpu * dist_info.world_size * accum  # images per optimiser step
     peak_lr = cfg.optim.scaled_lr(global_batch)
@@ -124,7 +128,8 @@ def train(cfg: SSLConfig, *, resume: bool = True, stop: StopRequest | None = Non
         cfg.checkpointing.best_metric, patience=cfg.train.early_stopping_patience,
         min_delta=cfg.train.early_stopping_min_delta,
     )
-    state = TrainState(model, optimizer, early_stopping, global_batch_size=global_batch, seed=cfg.train.seed)
+    state = TrainState(model, optimizer, early_stopping, global_batch_size=global_batch, seed=cfg.train.seed,
+                       sharded=cfg.train.parallelism == "fsdp")
     distributed.barrier()
     resumed = resume_from_checkpoint(out / "ckpt", state, total_iters, is_main=is_main) if resume else None
     if resumed is not None:
@@ -137,11 +142,13 @@ def train(cfg: SSLConfig, *, resume: bool = True, stop: StopRequest | None = Non
     )
 
     knn_path = out / "eval" / "knn.json"
-    if cfg.evaluation.knn_enabled and state.iteration == 0 and is_main:
-        knn_path.parent.mkdir(parents=True, exist_ok=True)
-        init_top1 = knn_top1(cfg, model.eval_backbone, device)
-        knn_path.write_text(json.dumps({"k": cfg.evaluation.knn_k, "init": init_top1}))
-        logger.info("k-NN top-1 at initialisation: %.2f%%", init_top1)
+    if cfg.evaluation.knn_enabled and state.iteration == 0:
+        backbone = model.eval_backbone()  # every rank: a sharded model is gathered onto rank 0
+        if is_main:
+            knn_path.parent.mkdir(parents=True, exist_ok=True)
+            init_top1 = knn_top1(cfg, backbone, device)
+            knn_path.write_text(json.dumps({"k": cfg.evaluation.knn_k, "init": init_top1}))
+            logger.info("k-NN top-1 at initialisation: %.2f%%", init_top1)
     validation = None
     if cfg.evaluation.val_period_iterations > 0:  # at the end-of-training values of the scheduled inputs
         validation = Validation(cfg, model, schedules.at(total_iters - 1), device=device,
@@ -204,15 +211,16 @@ def train(cfg: SSLConfig, *, resume: bool = True, stop: StopRequest | None = Non
         period = cfg.evaluation.eval_period_iterations
         dump = period > 0 and done % period == 0 and not last  # the last one is end-of-run work, below
         if checkpoint or new_best:
-            saved = state.state_dict()  # every rank: the RNG states are gathered
-            if is_main and checkpoint:
-                save_checkpoint(out / "ckpt", done, saved, cfg.checkpointing.max_to_keep)
-            if is_main and new_best:
-                save_checkpoint(out / "ckpt", BEST, saved, cfg.checkpointing.max_to_keep)
+            saved = state.state_dict()  # every rank: the RNG states are gathered (and FSDP's shards are written)
+            for name in ([done] if checkpoint else []) + ([BEST] if new_best else []):
+                save_checkpoint(out / "ckpt", name, saved, cfg.checkpointing.max_to_keep, sharded=state.sharded)
+            if new_best:
                 logger.info("best %s so far: %.4f at iteration %d, saved in %s", cfg.checkpointing.best_metric,
                             state.early_stopping.best, done, out / "ckpt" / BEST)
-        if dump and is_main:
-            save_eval_dump(out / "eval" / str(done), model.eval_dump())
+        if dump:
+            dumped = model.eval_dump()  # every rank: a sharded model is gathered onto rank 0
+            if is_main:
+                save_eval_dump(out / "eval" / str(done), dumped)
         if checkpoint or new_best or dump:
             distributed.barrier()  # the files are complete before any rank goes on (or a run ends)
         if stopping:
@@ -225,20 +233,23 @@ def train(cfg: SSLConfig, *, resume: bool = True, stop: StopRequest | None = Non
     # no iteration and arrives here: the eval dumps and the pruning are redone (they are idempotent), the final k-NN
     # unless eval/knn.json already holds the score of this iteration.
     end = state.iteration  # total_iters, or where early stopping ended the run
+    dumped = model.eval_dump()  # every rank: a sharded model is gathered onto rank 0
     if is_main:
-        dump = model.eval_dump()
-        weights = [save_eval_dump(out / "eval" / name, dump) for name in (str(end), "final")][-1]
+        weights = [save_eval_dump(out / "eval" / name, dumped) for name in (str(end), "final")][-1]
         prune_checkpoints(out / "ckpt", cfg.checkpointing.max_to_keep)
-    if cfg.evaluation.knn_enabled and is_main:
-        knn = json.loads(knn_path.read_text()) if knn_path.exists() else {"k": cfg.evaluation.knn_k}
-        if knn.get("final_iteration") != end:
-            knn.update(final=knn_top1(cfg, model.eval_backbone, device), final_iteration=end)
+    knn = json.loads(knn_path.read_text()) if cfg.evaluation.knn_enabled and knn_path.exists() else {}
+    if cfg.evaluation.knn_enabled and knn.get("final_iteration") != end:
+        backbone = model.eval_backbone()  # every rank, as above
+        if is_main:
+            knn.update(k=cfg.evaluation.knn_k, final=knn_top1(cfg, backbone, device), final_iteration=end)
             knn_path.write_text(json.dumps(knn))
+    if cfg.evaluation.knn_enabled and is_main:
         init = knn.get("init", float("nan"))
         logger.info("k-NN top-1 (k=%d) of the %s features: %.2f%% at initialisation -> %.2f%% trained "
                     "(%+.2f points)", cfg.evaluation.knn_k, "teacher cls" if cfg.method == "dino" else "backbone",
                     init, knn["final"], knn["final"] - init)
     metrics.close()
+    distributed.barrier()  # ranks leave together: one that left while rank 0 evaluated once aborted a gloo run at exit
     if is_main:
         logger.info("run finished: weights %s; metrics %s%s", weights, out / METRICS_FILE,
                     f"; k-NN {knn_path}" if cfg.evaluation.knn_enabled else "")

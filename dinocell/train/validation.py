@@ -87,8 +87,8 @@ class Validation:
             if self.loader is not None:
                 scores["val_loss"] = self._loss()
             if self.cfg.evaluation.knn_enabled:
-                main = distributed.get_rank() == 0
-                top1 = knn_top1(self.cfg, self.model.eval_backbone, self.device) if main else None
+                backbone = self.model.eval_backbone()  # every rank: a sharded model is gathered onto rank 0
+                top1 = knn_top1(self.cfg, backbone, self.device) if backbone is not None else None
                 scores["knn_top1"] = distributed.all_gather_object(top1)[0]
         return scores
 
