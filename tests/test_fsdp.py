@@ -17,7 +17,7 @@ from test_train_e2e import TINY, _cli, _free_port, _metrics
 from dinocell import distributed, parallel
 from dinocell.config import ConfigError, load_config
 from dinocell.models import build_backbone, load_pretrained
-from dinocell.models.pretrained import WeightsError
+from dinocell.models.pretrained import TEACHER_FILE, WeightsError
 from dinocell.train import checkpoint as ckpt
 from dinocell.train.early_stopping import EarlyStopping
 from dinocell.train.meta_arch import SSLMetaArch
@@ -204,7 +204,7 @@ def test_fsdp_trains_like_ddp_and_resumes_on_one_process(tmp_path):
     for a, b in zip(ddp, fsdp):  # the sums of gradient averaging differ in order: equal up to fp32 rounding
         for field in (*TERMS, "grad_norm"):  # grad_norm: the norm of the sharded gradient
             assert b[field] == pytest.approx(a[field], rel=1e-6, abs=0), (a["iteration"], field)
-    dumps = [torch.load(tmp_path / p / "eval" / "final" / ckpt.TEACHER_FILE, weights_only=True)["teacher"]
+    dumps = [torch.load(tmp_path / p / "eval" / "final" / TEACHER_FILE, weights_only=True)["teacher"]
              for p in ("ddp", "fsdp")]
     assert dumps[0].keys() == dumps[1].keys()
     for key, value in dumps[0].items():
