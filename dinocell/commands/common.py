@@ -20,9 +20,11 @@ def load_checked_config(config_file: str | pathlib.Path | None, overrides: Seque
         raise ConfigError(f"student.arch={cfg.student.arch!r}: {err}") from None
     ev = cfg.evaluation
     named = {"train.dataset_path": cfg.train.dataset_path, "evaluation.knn_train_dataset": ev.knn_train_dataset,
-             "evaluation.knn_test_dataset": ev.knn_test_dataset}
+             "evaluation.knn_test_dataset": ev.knn_test_dataset,
+             "evaluation.channel_consistency_dataset": ev.channel_consistency_dataset,
+             "evaluation.viz_dataset": ev.viz_dataset}
     for key, dataset_str in named.items():
-        if dataset_str or key == "train.dataset_path":  # the k-NN sets may be "" (no k-NN)
+        if dataset_str or key == "train.dataset_path":  # the evaluation sets may be "" (task off)
             try:
                 parse_dataset_string(dataset_str)
             except DatasetStringError as err:
