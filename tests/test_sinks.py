@@ -60,6 +60,19 @@ def test_json_lines_sink_drops_the_iterations_a_resumed_run_repeats(tmp_path):
     assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2, 3]
 
 
+def test_json_lines_sink_keeps_eval_records_apart_and_trims_them_on_resume(tmp_path):
+    sink = JsonLinesSink(tmp_path, start_iteration=0)
+    sink.log_metrics(_record(0))
+    for it in (0, 2, 4):  # evaluations after 0, 2 and 4 iterations; the checkpoint holds iteration 2
+        sink.log_eval({"iteration": it, "eval/knn_k20_top1": it / 10})
+    sink = JsonLinesSink(tmp_path, start_iteration=2)  # the resumed run evaluates again at 2
+    sink.log_eval({"iteration": 2, "eval/knn_k20_top1": 0.25})
+    evals = [json.loads(line) for line in (tmp_path / "eval" / "metrics.json").read_text().splitlines()]
+    assert evals == [{"iteration": 0, "eval/knn_k20_top1": 0.0}, {"iteration": 2, "eval/knn_k20_top1": 0.25}]
+    lines = (tmp_path / "training_metrics.json").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [0]
+
+
 @pytest.mark.slow
 def test_wandb_offline_run_holds_metrics_and_images(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb", reason="wandb logging needs wandb: pip install 'dinocell[wandb]'")
