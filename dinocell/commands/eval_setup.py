@@ -138,15 +138,16 @@ class Inputs:
         return {"inputs": self.sources, **({"model": self.model.description} if self.model else {})}
 
 
-def run(prog: str, body: Callable[[], int]) -> int:
+def run(prog: str, body: Callable[[], int], user_errors: tuple[type[Exception], ...] = ()) -> int:
     """Run a command body; a user error (bad value, missing file or optional package, bad dataset string or
-    config) becomes one line on stderr and exit code 2. Anything else is a bug and keeps its traceback."""
+    config, or one of `user_errors`) becomes one line on stderr and exit code 2. Anything else is a bug and keeps its
+    traceback."""
     from dinocell.config import ConfigError
     from dinocell.data.registry import DatasetStringError
 
     try:
         return body()
-    except (EvalError, ConfigError, DatasetStringError, FileNotFoundError, ImportError) as error:
+    except (EvalError, ConfigError, DatasetStringError, FileNotFoundError, ImportError, *user_errors) as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return 2
 
