@@ -1,13 +1,13 @@
 """The training loop: `train(cfg)` runs, or continues, one self-supervised run.
 
-Reads top to bottom: process group and output directory -> model, optimiser, schedules -> resume -> k-NN baseline ->
-data -> loop (one TrainStep per iteration; metrics, checkpoints, teacher dumps) -> final k-NN.
+Reads top to bottom: process group and output directory -> model, optimiser, schedules -> resume -> metrics and the
+evaluation at the start -> data -> loop (one TrainStep per iteration; metrics, checkpoints, teacher dumps, periodic
+evaluations) -> the start -> end summary of the evaluations.
 The command line around it is dinocell/commands/train.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -20,10 +20,11 @@ from dinocell.config import SSLConfig, config_to_dict, save_config
 from dinocell.data import make_dataset
 from dinocell.data.dataset import SampleDataset
 from dinocell.logging import MetricsLogger, setup_logging
-from dinocell.pipeline.loaders import build_eval_transform, build_ssl_loader_from_config
+from dinocell.pipeline.loaders import build_ssl_loader_from_config
 from dinocell.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint, save_teacher_dump
 from dinocell.train.meta_arch import SSLMetaArch
 from dinocell.train.optim import build_optimizer, param_groups
+from dinocell.train.periodic import PeriodicEvaluation
 from dinocell.train.schedules import build_schedules
 from dinocell.train.state import TrainState, seed_everything
 from dinocell.train.step import StepResult, TrainStep
@@ -42,27 +43,6 @@ def _bad_samples(dataset: SampleDataset) -> int | None:
         return None
     total = torch.tensor(float(counts["total"]))
     return int(distributed.all_reduce_mean(total) * distributed.get_world_size())
-
-
-def knn_top1(cfg: SSLConfig, backbone: torch.nn.Module, device: torch.device) -> float:
-    """k-NN top-1 (%) of `backbone`'s cls features: evaluation.knn_train_dataset -> evaluation.knn_test_dataset."""
-    from dinocell.eval.features import extract_features
-    from dinocell.eval.knn import knn_classify
-
-    transform = build_eval_transform(cfg)
-    feats = {}
-    for split, dataset_str in (("train", cfg.evaluation.knn_train_dataset), ("test", cfg.evaluation.knn_test_dataset)):
-        dataset = make_dataset(dataset_str)
-        feats[split] = extract_features(
-            backbone, dataset, transform, batch_size=cfg.train.batch_size_per_gpu, num_workers=cfg.train.num_workers,
-            device=device,
-        )
-        num_classes = len(dataset.classes)
-    top1 = knn_classify(
-        *feats["train"], *feats["test"], k=cfg.evaluation.knn_k, temperature=cfg.evaluation.knn_temperature,
-        num_classes=num_classes,
-    )
-    return float(top1)
 
 
 def _set_aside_old_run(out: Path) -> None:
@@ -147,18 +127,15 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
         autocast_dtype=cfg.compute_precision.autocast_dtype,
     )
 
-    knn_enabled = bool(cfg.evaluation.knn_train_dataset and cfg.evaluation.knn_test_dataset)
-    knn_path = out / "eval" / "knn.json"
-    if knn_enabled and state.iteration == 0 and is_main:
-        knn_path.parent.mkdir(parents=True, exist_ok=True)
-        init_top1 = knn_top1(cfg, model.teacher.backbone, device)
-        knn_path.write_text(json.dumps({"k": cfg.evaluation.knn_k, "init": init_top1}))
-        logger.info("k-NN top-1 at initialisation: %.2f%%", init_top1)
-
     metrics = MetricsLogger(
         out, total_iterations=total_iters, start_iteration=state.iteration, enabled=is_main,
-        wandb_cfg=cfg.logging, config=config_to_dict(cfg),
+        logging_cfg=cfg.logging, config=config_to_dict(cfg),
     )
+    evaluation = PeriodicEvaluation(cfg, out, device=device, metrics=metrics, total_iterations=total_iters,
+                                    start_iteration=state.iteration)
+    if evaluation.due(state.iteration):  # the baseline at iteration 0, or the evaluation a resumed run repeats
+        evaluation.run(model.teacher.backbone, state.iteration)
+
     dataset = make_dataset(cfg.train.dataset_path)
     data = iter(build_ssl_loader_from_config(
         cfg, dataset, rank=dist_info.rank, world_size=dist_info.world_size, start_iter=state.iteration,
@@ -212,13 +189,9 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
                 save_teacher_dump(out / "eval" / "final", model.teacher_state_dict())
         if checkpoint or dump:
             distributed.barrier()  # the files are complete before any rank goes on (or a run ends)
+        if evaluation.due(done):
+            evaluation.run(model.teacher.backbone, done)
 
-    if knn_enabled and is_main:
-        knn = json.loads(knn_path.read_text()) if knn_path.exists() else {"k": cfg.evaluation.knn_k}
-        knn["final"] = knn_top1(cfg, model.teacher.backbone, device)
-        knn_path.write_text(json.dumps(knn))
-        init = knn.get("init", float("nan"))
-        logger.info("k-NN top-1 (k=%d) of the teacher cls features: %.2f%% at initialisation -> %.2f%% trained "
-                    "(%+.2f points)", cfg.evaluation.knn_k, init, knn["final"], knn["final"] - init)
+    evaluation.log_summary()
     metrics.close()
     return record
