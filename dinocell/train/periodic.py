@@ -82,7 +82,7 @@ class PeriodicEvaluation:
         if self.ev.viz_dataset and self.is_main:
             dataset = make_dataset(self.ev.viz_dataset)
             self.viz_samples = [dataset[i] for i in range(min(self.ev.viz_num_images, len(dataset)))]
-        self.enabled = bool(self.knn_sets or self.channel_set or self.ev.viz_dataset)
+        self.enabled = bool(self.knn_sets) or self.channel_set is not None or bool(self.ev.viz_dataset)
         if self.is_main and self.knn_sets:
             self._trim_knn_history(start_iteration)
 
