@@ -332,8 +332,8 @@ class EvaluationConfig:
     def problems(self) -> Problems:
         yield from _non_negative(self, "eval_period_iterations")
         yield from _positive(self, "knn_temperature", "viz_num_images")
-        if not self.knn_k or min(self.knn_k) <= 0:
-            yield "knn_k", "must be a non-empty list of neighbour counts, each > 0 (e.g. [10, 20])"
+        if not self.knn_k or min(self.knn_k) <= 0 or len(set(self.knn_k)) < len(self.knn_k):
+            yield "knn_k", "must be a non-empty list of different neighbour counts, each > 0 (e.g. [10, 20])"
         if bool(self.knn_train_dataset) != bool(self.knn_test_dataset):
             yield "knn_test_dataset" if self.knn_train_dataset else "knn_train_dataset", \
                 "k-NN needs both knn_train_dataset and knn_test_dataset (or neither)"
