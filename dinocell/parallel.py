@@ -115,15 +115,14 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def whole_module(module: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
-    """`module` whole, for evaluation in one process: the module itself, or under FSDP a copy of the same kind
-    (`build()`, run on the meta device: no initialisation, no memory) holding the weights gathered from the shards.
-    Every rank must call it; ranks other than 0 get None."""
+def evaluation_copy(module: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
+    """`module` itself, or under FSDP a whole copy on every rank (`build()` on the meta device, then the gathered
+    weights): evaluations run it on each rank's share of the samples, which a sharded module cannot do (its forward
+    gathers its shards collectively, so every rank would have to run the same batches). Collective under FSDP; the copy
+    costs one whole module of memory per process while the evaluation runs."""
     if not is_sharded(module):
-        return module if distributed.get_rank() == 0 else None
-    weights = full_state_dict(module)
-    if not weights:
-        return None
+        return module
+    weights = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
     with torch.device("meta"):
         copy = build()
     copy.load_state_dict(weights, assign=True)

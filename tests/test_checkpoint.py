@@ -41,24 +41,45 @@ def test_crash_while_writing_leaves_previous_checkpoint_loadable(tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["10", "20"]
 
 
-def test_crash_while_replacing_a_directory_keeps_a_complete_copy(tmp_path, monkeypatch):
-    """Overwriting eval/final (or an iteration saved again): the old copy is moved aside, never deleted first."""
-    ckpt.save_eval_dump(tmp_path / "final", {"teacher": {"w": torch.zeros(2)}})
+def test_crash_while_replacing_a_checkpoint_directory_keeps_a_complete_copy(tmp_path, monkeypatch):
+    """An iteration saved again (after a resume): the old copy is moved aside, never deleted first."""
+    ckpt.save_checkpoint(tmp_path, 10, _state(1), max_to_keep=3)
     real_rename = ckpt.os.rename
 
     def dying_rename(src, dst):
-        if str(src).endswith(".tmp-final"):
+        if str(src).endswith(".tmp-10"):
             raise OSError("killed between the two renames")
         real_rename(src, dst)
 
     monkeypatch.setattr(ckpt.os, "rename", dying_rename)
     with pytest.raises(OSError, match="killed"):
+        ckpt.save_checkpoint(tmp_path, 10, _state(2), max_to_keep=3)
+    monkeypatch.undo()
+    old = torch.load(tmp_path / ".old-10" / ckpt.CHECKPOINT_FILE, weights_only=True)
+    assert old["iteration"] == 1  # the previous checkpoint survives, complete
+    ckpt.save_checkpoint(tmp_path, 10, _state(2), max_to_keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["10"]
+    assert torch.load(tmp_path / "10" / ckpt.CHECKPOINT_FILE, weights_only=True)["iteration"] == 2
+
+
+def test_an_eval_dump_replaces_only_its_file(tmp_path, monkeypatch):
+    """eval/<iteration>/ also holds that iteration's evaluations: a dump (again) replaces its own file atomically and
+    leaves the rest; a crash while writing leaves the previous dump."""
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "knn.json").write_text("{}")
+    ckpt.save_eval_dump(tmp_path / "final", {"teacher": {"w": torch.zeros(2)}})
+
+    def dying_replace(src, dst):
+        raise OSError("killed before the rename")
+
+    monkeypatch.setattr(ckpt.os, "replace", dying_replace)
+    with pytest.raises(OSError, match="killed"):
         ckpt.save_eval_dump(tmp_path / "final", {"teacher": {"w": torch.ones(2)}})
     monkeypatch.undo()
-    old = torch.load(tmp_path / ".old-final" / TEACHER_FILE, weights_only=True)
-    assert torch.equal(old["teacher"]["w"], torch.zeros(2))  # the previous dump survives, complete
+    assert torch.equal(torch.load(tmp_path / "final" / TEACHER_FILE, weights_only=True)["teacher"]["w"],
+                       torch.zeros(2))
     ckpt.save_eval_dump(tmp_path / "final", {"teacher": {"w": torch.ones(2)}})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert sorted(p.name for p in (tmp_path / "final").iterdir()) == ["knn.json", TEACHER_FILE]  # no debris
     assert torch.equal(torch.load(tmp_path / "final" / TEACHER_FILE, weights_only=True)["teacher"]["w"],
                        torch.ones(2))
 

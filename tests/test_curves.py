@@ -8,7 +8,7 @@ from PIL import Image
 
 from dinocell.commands import plot_metrics
 from dinocell.config import load_config
-from dinocell.eval.curves import FIGURE_SIZE_PX, read_knn, read_metrics
+from dinocell.eval.curves import FIGURE_SIZE_PX, read_eval_curves, read_metrics
 
 
 def _write(path: Path, iterations: list[int], tag: str) -> None:
@@ -63,7 +63,7 @@ def test_curves_of_a_real_resumed_run(tmp_path, capsys):
         "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=2", "optim.warmup_epochs=1",
         "teacher.warmup_teacher_temp_epochs=1", "train.log_every=1", "checkpointing.period=2",
         "evaluation.knn_train_dataset=SyntheticCellPainting:size=8:image_size=32",
-        "evaluation.knn_test_dataset=SyntheticCellPainting:split=test:size=8:image_size=32", "evaluation.knn_k=2",
+        "evaluation.knn_test_dataset=SyntheticCellPainting:split=test:size=8:image_size=32", "evaluation.knn_k=[2]",
         f"train.output_dir={tmp_path}",
     ]
     train(load_config(overrides=[*tiny, "optim.epochs=1"]))
@@ -75,7 +75,11 @@ def test_curves_of_a_real_resumed_run(tmp_path, capsys):
     records = read_metrics(tmp_path / "training_metrics.json")
     assert [r["iteration"] for r in records] == [0, 1, 2, 3]
     knn = json.loads((tmp_path / "eval" / "knn.json").read_text())
-    assert read_knn(tmp_path, 3) == [(0, knn["init"]), (4, knn["final"])]  # init kept from the first attempt
+    assert sorted(knn["top1"]) == ["0", "4"]  # the first attempt's end (2) was not on the second one's schedule
+    curves = read_eval_curves(tmp_path, 3)
+    assert curves == {"k-NN top-1 k=2": [(0, pytest.approx(knn["init"])), (4, pytest.approx(knn["final"]))]}
+    (tmp_path / "eval" / "metrics.json").unlink()  # a run written before eval/metrics.json: knn.json's two points
+    assert read_eval_curves(tmp_path, 3) == {"k-NN top-1 k=2": [(0, knn["init"]), (4, knn["final"])]}
 
     assert plot_metrics.main([str(tmp_path), "--out", str(tmp_path / "curves.png")]) == 0
     assert "wrote" in capsys.readouterr().out

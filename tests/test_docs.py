@@ -31,9 +31,10 @@ WRITTEN = re.compile(r"(?:--output-dir|--out)[ =](output/[\w./-]+)")  # what an 
 TINY_DEMO = [
     "train.dataset_path=SyntheticCellPainting:size=16:image_size=64:cell_radius=8", "train.batch_size_per_gpu=4",
     "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=2", "optim.epochs=1", "optim.warmup_epochs=0",
-    "checkpointing.period=2", "train.log_every=1", "compute_precision.autocast_dtype=fp32", "evaluation.knn_k=3",
+    "checkpointing.period=2", "train.log_every=1", "compute_precision.autocast_dtype=fp32", "evaluation.knn_k=[3]",
     "evaluation.knn_train_dataset=SyntheticCellPainting:split=train:size=8:image_size=64:cell_radius=8:seed=1",
     "evaluation.knn_test_dataset=SyntheticCellPainting:split=test:size=8:image_size=64:cell_radius=8",
+    "evaluation.channel_consistency_dataset=SyntheticCellPainting:split=test:size=4:image_size=64:cell_radius=8",
     "dino.head_n_prototypes=64", "ibot.head_n_prototypes=64",
 ]  # fmt: skip
 

@@ -332,23 +332,23 @@ sys.exit(main(sys.argv[1:]))
 def test_a_kill_after_the_last_checkpoint_is_finished_by_a_rerun(tmp_path):
     out = tmp_path / "run"
     knn = ["evaluation.knn_train_dataset=SyntheticCellPainting:split=train:size=24:image_size=32:seed=1",
-           "evaluation.knn_test_dataset=SyntheticCellPainting:split=test:size=16:image_size=32", "evaluation.knn_k=5"]
+           "evaluation.knn_test_dataset=SyntheticCellPainting:split=test:size=16:image_size=32", "evaluation.knn_k=[5]"]
     extra = ["checkpointing.period=2", "checkpointing.max_to_keep=2", "evaluation.eval_period_iterations=4", *knn]
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER_LAST_CHECKPOINT, f"--output-dir={out}", *TINY, *extra],
                             env=ENV, capture_output=True, text=True, timeout=180)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert [p.name for p in list_checkpoints(out / "ckpt")] == ["2", "4", "6"]
-    assert sorted(p.name for p in (out / "eval").iterdir()) == ["4", "knn.json"]
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["0", "4", "knn.json", "metrics.json"]
     assert "final" not in json.loads((out / "eval" / "knn.json").read_text())
 
     train(_cfg(out, *extra))  # resumes at the last iteration: no step, only the end-of-run work
     assert [p.name for p in list_checkpoints(out / "ckpt")] == ["4", "6"]  # pruned to max_to_keep
-    assert sorted(p.name for p in (out / "eval").iterdir()) == ["4", "6", "final", "knn.json"]
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["0", "4", "6", "final", "knn.json", "metrics.json"]
     teacher = torch.load(out / "eval" / "final" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
     model = torch.load(out / "ckpt" / "6" / "checkpoint.pth", weights_only=True)["model"]
     assert all(torch.equal(value, model[f"teacher.{key}"]) for key, value in teacher.items())
     scores = json.loads((out / "eval" / "knn.json").read_text())
-    assert scores["final_iteration"] == 6 and 0 <= scores["final"] <= 100
+    assert list(scores["top1"]) == ["0", "4", "6"] and 0 <= scores["final"] <= 100  # the final k-NN was redone
     assert [r["iteration"] for r in _metrics(out)] == list(range(6))  # no line lost or repeated
     assert "run finished: weights" in (out / "logs" / "log.txt").read_text()
 

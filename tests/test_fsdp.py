@@ -192,14 +192,14 @@ def test_fsdp_trains_like_ddp_and_resumes_on_one_process(tmp_path):
     start = _tiny_backbone(layerscale_init=0.1).state_dict()
     ckpt.save_eval_dump(tmp_path / "start", {"teacher": {f"backbone.{k}": v for k, v in start.items()}})
     knn = [f"evaluation.knn_{split}_dataset=SyntheticCellPainting:split={split}:size=8:image_size=64:cell_radius=8"
-           for split in ("train", "test")] + ["evaluation.knn_k=3"]  # on the teacher backbone, gathered under FSDP
+           for split in ("train", "test")] + ["evaluation.knn_k=[3]"]  # on the teacher backbone, gathered under FSDP
     for parallelism in ("ddp", "fsdp"):
         _torchrun("-m", "dinocell.train", *_cli(tmp_path / parallelism, "train.batch_size_per_gpu=2", one_masked,
                                                 f"train.parallelism={parallelism}", *knn,
                                                 f"student.pretrained_weights={tmp_path / 'start'}"))
     ddp, fsdp = _metrics(tmp_path / "ddp"), _metrics(tmp_path / "fsdp")
     knn_results = [json.loads((tmp_path / p / "eval" / "knn.json").read_text()) for p in ("ddp", "fsdp")]
-    assert knn_results[0] == knn_results[1] and set(knn_results[0]) == {"k", "init", "final", "final_iteration"}
+    assert knn_results[0] == knn_results[1] and {"k", "init", "final", "top1"} <= set(knn_results[0])
     assert len(ddp) == len(fsdp) == 6
     for a, b in zip(ddp, fsdp):  # the sums of gradient averaging differ in order: equal up to fp32 rounding
         for field in (*TERMS, "grad_norm"):  # grad_norm: the norm of the sharded gradient

@@ -22,10 +22,11 @@ def test_resume_rewrites_later_lines_and_continues_the_wandb_run(tmp_path, monke
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    wandb_cfg = LoggingConfig(wandb=True, wandb_project="test")
+    logging_cfg = LoggingConfig(wandb=True, wandb_project="test")
 
     def run(start: int, stop: int) -> str:
-        metrics = MetricsLogger(tmp_path, total_iterations=6, start_iteration=start, enabled=True, wandb_cfg=wandb_cfg)
+        metrics = MetricsLogger(tmp_path, total_iterations=6, start_iteration=start, enabled=True,
+                                logging_cfg=logging_cfg)
         for it in range(start, stop):
             metrics.log(_record(it))
         run_id = next(s for s in metrics.sinks if isinstance(s, WandbSink)).run.id

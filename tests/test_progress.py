@@ -58,6 +58,7 @@ def test_training_eta_uses_the_mean_speed_since_the_first_log_not_the_last_windo
     logger = logging.getLogger("dinocell")
     monkeypatch.setattr(logger, "handlers", [handler])
     monkeypatch.setattr(logger, "level", logging.INFO)
+    monkeypatch.setattr(logger, "_cache", {})  # isEnabledFor caches its answer per level; setting .level does not
     metrics = MetricsLogger(tmp_path, total_iterations=100, start_iteration=0, enabled=True)
     clock.now += 500.0  # the first window: start-up work makes it slow
     metrics.log({**_record(9), "iter_time": 50.0})

@@ -116,7 +116,7 @@ def test_scdino_recipe_mean_std_then_training_with_knn(tmp_path):
     stats = json.loads((tmp_path / "stats.json").read_text())
     overrides = TINY_RUN + [
         f"train.dataset_path='{dataset}'", f"evaluation.knn_train_dataset='{dataset}'",
-        f"evaluation.knn_test_dataset='{dataset}'", "evaluation.knn_k=3", "student.in_chans=3",
+        f"evaluation.knn_test_dataset='{dataset}'", "evaluation.knn_k=[3]", "student.in_chans=3",
         f"crops.channel_mean={stats['mean']}", f"crops.channel_std={stats['std']}", "train.num_workers=0",
         "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=2",
         f"train.output_dir={tmp_path / 'run'}",

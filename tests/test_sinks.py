@@ -60,6 +60,19 @@ def test_json_lines_sink_drops_the_iterations_a_resumed_run_repeats(tmp_path):
     assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2, 3]
 
 
+def test_json_lines_sink_keeps_eval_records_apart_and_trims_them_on_resume(tmp_path):
+    sink = JsonLinesSink(tmp_path, start_iteration=0)
+    sink.log_metrics(_record(0))
+    for it in (0, 2, 4):  # evaluations after 0, 2 and 4 iterations; the checkpoint holds iteration 2
+        sink.log_eval({"iteration": it, "eval/knn_k20_top1": it / 10})
+    sink = JsonLinesSink(tmp_path, start_iteration=2)  # the resumed run evaluates again at 2
+    sink.log_eval({"iteration": 2, "eval/knn_k20_top1": 0.25})
+    evals = [json.loads(line) for line in (tmp_path / "eval" / "metrics.json").read_text().splitlines()]
+    assert evals == [{"iteration": 0, "eval/knn_k20_top1": 0.0}, {"iteration": 2, "eval/knn_k20_top1": 0.25}]
+    lines = (tmp_path / "training_metrics.json").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [0]
+
+
 @pytest.mark.slow
 def test_wandb_offline_run_holds_metrics_and_images(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb", reason="wandb logging needs wandb: pip install 'dinocell[wandb]'")
@@ -104,3 +117,42 @@ def test_trackio_stores_metrics_and_images_locally(tmp_path):
     assert [(r["step"], r.get("total_loss")) for r in logs] == [(0, 3.0), (1, 2.0), (1, None)]
     assert logs[-1]["attention"]["_type"] == "trackio.image"
     assert list((tmp_path / "trackio" / "media").rglob("*.png"))
+
+
+def test_a_tracker_whose_package_is_missing_names_the_extra(tmp_path, monkeypatch):
+    from dinocell.config.schema import LoggingConfig
+    from dinocell.logging import MetricsLogger
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if tensorboard were absent
+    with pytest.raises(ImportError, match=r"logging.tensorboard: true needs the tensorboard .*'dinocell\[tracking\]'"):
+        MetricsLogger(tmp_path, total_iterations=4, start_iteration=0, enabled=True,
+                      logging_cfg=LoggingConfig(tensorboard=True))
+
+
+@pytest.mark.slow
+def test_trackio_from_the_config_gets_evaluation_records_and_pictures(tmp_path):
+    pytest.importorskip("trackio", reason="trackio logging needs trackio: pip install 'dinocell[tracking]'")
+    script = textwrap.dedent("""
+        import json, sys
+        import numpy as np
+        from dinocell.config.schema import LoggingConfig
+        from dinocell.logging import MetricsLogger
+        from trackio.sqlite_storage import SQLiteStorage
+
+        cfg = LoggingConfig(trackio=True, trackio_project="eval-test", wandb_run_name="run1")
+        metrics = MetricsLogger(sys.argv[1], total_iterations=4, start_iteration=0, enabled=True, logging_cfg=cfg)
+        metrics.log_eval({"iteration": 2, "eval/knn_k20_top1": 0.5})
+        metrics.log_images({"eval/pca": np.full((6, 8, 3), 200, np.uint8)}, step=2)
+        metrics.close()
+        logs = SQLiteStorage.get_logs("eval-test", "run1")
+        print(json.dumps([{k: v for k, v in r.items() if k != "timestamp"} for r in logs]))
+    """)
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "PYTHONPATH": str(Path(__file__).parents[1])}
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    logs = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("[")))
+    assert [(r["step"], r.get("eval/knn_k20_top1")) for r in logs] == [(2, 0.5), (2, None)]
+    assert logs[-1]["eval/pca"]["_type"] == "trackio.image"
+    assert [json.loads(line) for line in (tmp_path / "run" / "eval" / "metrics.json").read_text().splitlines()] == [
+        {"iteration": 2, "eval/knn_k20_top1": 0.5}]

@@ -161,7 +161,7 @@ def test_dino_validation_leaves_training_untouched(tmp_path):
     and k-NN every 2 iterations) trains exactly like one that does not; validation runs in eval mode, so two
     validations of the same weights agree."""
     knn = ["evaluation.knn_train_dataset=SyntheticCellPainting:split=train:size=8:image_size=64:seed=1",
-           "evaluation.knn_test_dataset=SyntheticCellPainting:split=test:size=8:image_size=64", "evaluation.knn_k=3"]
+           "evaluation.knn_test_dataset=SyntheticCellPainting:split=test:size=8:image_size=64", "evaluation.knn_k=[3]"]
     random_parts = ["student.drop_path_rate=0.2", "student.pos_embed_rope_rescale_coords=2.0"]
     plain, validated = tmp_path / "plain", tmp_path / "validated"
     train(load_config(overrides=[*DINO, *random_parts, f"train.output_dir={plain}"]))

@@ -15,8 +15,9 @@ from dinocell.data import make_dataset
 from dinocell.eval.embedding_map import FIGURE_SIZE_PX, colour_values, embed_2d
 from dinocell.models import build_backbone
 
-TINY = ["student.arch=vit_test", "student.patch_size=8", "student.n_storage_tokens=1", "student.in_chans=5",
-        "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=2"]
+TINY = ["--arch", "vit_test", "--patch-size", "8", "--n-storage-tokens", "1", "--in-chans", "5", "--image-size", "32"]
+TINY_CROPS = ["student.arch=vit_test", "student.patch_size=8", "student.n_storage_tokens=1", "student.in_chans=5",
+              "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=2"]
 DATASET = "SyntheticCellPainting:size=12:image_size=48"
 
 
@@ -68,13 +69,15 @@ def test_bad_input_is_named(tmp_path, capsys):
     out = str(tmp_path / "x")
     assert viz.main(["attention", "--images", str(tmp_path / "missing.tif"), "--out", out, *TINY]) == 2
     assert "image file" in capsys.readouterr().err
-    assert viz.main(["pca", "--out", out, "--images", str(tmp_path / "a.tif"), "student.arch=vit_test"]) == 2
+    assert viz.main(["montage", "--out", out, "--images", str(tmp_path / "a.tif"), "student.arch=vit_test"]) == 2
     assert "look like config overrides: put KEY=VALUE overrides before --images" in capsys.readouterr().err
     assert viz.main(["embedding", "--dataset", DATASET, "--method", "pca", "--color-by", "clas_name", "--out", out,
                      *TINY]) == 2
     assert "colour column 'clas_name' is missing" in capsys.readouterr().err
     assert viz.main(["attention", "--dataset", DATASET, "--indices", "99", "--out", out, *TINY]) == 2
-    assert "--indices [99] out of range" in capsys.readouterr().err
+    assert "--indices [99] out of range: the images have 12 samples" in capsys.readouterr().err
+    assert viz.main(["pca", "--dataset", DATASET, "--arch", "vit_smal", "--out", out]) == 2
+    assert "unknown architecture 'vit_smal'; expected one of" in capsys.readouterr().err  # eval's model options
     with pytest.raises(SystemExit) as exit_info:
         viz.main(["attention", "--help"])
     assert exit_info.value.code == 0 and "example: dinocell viz attention" in capsys.readouterr().out
@@ -135,6 +138,6 @@ def test_umap_map_has_one_point_per_sample(tmp_path):
 
 def test_montage_command(tmp_path):
     out = tmp_path / "montage.png"
-    assert viz.main(["montage", "--dataset", DATASET, "--num-images", "2", "--out", str(out), *TINY]) == 0
+    assert viz.main(["montage", "--dataset", DATASET, "--num-images", "2", "--out", str(out), *TINY_CROPS]) == 0
     columns = 1 + 5 + 2 + 2
     assert _size(out) == (2 + columns * (96 + 2), 2 + 2 * (96 + 12 + 2))

@@ -21,7 +21,9 @@ def load_checked_config(config_file: str | pathlib.Path | None, overrides: Seque
         raise ConfigError(f"student.arch={cfg.student.arch!r}: {err}") from None
     ev = cfg.evaluation
     named = {"train.dataset_path": cfg.train.dataset_path, "evaluation.knn_train_dataset": ev.knn_train_dataset,
-             "evaluation.knn_test_dataset": ev.knn_test_dataset, "evaluation.val_dataset": ev.val_dataset}
+             "evaluation.knn_test_dataset": ev.knn_test_dataset, "evaluation.val_dataset": ev.val_dataset,
+             "evaluation.channel_consistency_dataset": ev.channel_consistency_dataset,
+             "evaluation.viz_dataset": ev.viz_dataset}
     for key, dataset_str in named.items():
         if dataset_str or key == "train.dataset_path":  # the evaluation sets may be "" (none)
             try:

@@ -7,7 +7,7 @@ import sys
 
 from dinocell.commands.boundary import command
 from dinocell.commands.eval_setup import add_model_options, add_run_options, device_of, load_model
-from dinocell.eval.report import format_table, percent, write_results
+from dinocell.eval.report import write_results
 
 PROG = "dinocell eval channel-consistency"
 
@@ -37,20 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def tables(results: dict) -> str:
-    rows = [[view, f"{s['cosine_to_mean']:.4f}", percent(s["retrieval_top1"])] for view, s in results["views"].items()]
-    rows.append(["(single-channel average)", f"{results['channel_average']['cosine_to_mean']:.4f}",
-                 percent(results["channel_average"]["retrieval_top1"])])
-    head = (f"{results['n_fields']} fields, views against the mean view; retrieval chance "
-            f"{percent(results['chance_top1'])} %\n")
-    return head + format_table(["view", "cosine to mean", "retrieval top-1 %"], rows)
-
-
 @command(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dinocell.data import make_dataset
-    from dinocell.eval.channel_consistency import channel_consistency
+    from dinocell.eval.channel_consistency import channel_consistency, consistency_table
 
     device = device_of(args)
     model = load_model(args, device)
@@ -62,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
     )
     results.update(dataset=args.dataset, model=model.description)
-    table = tables(results)
+    table = consistency_table(results)
     write_results(args.output_dir, "channel-consistency", results, table)
     print(f"{table}\nresults: {args.output_dir}/channel-consistency.json, channel-consistency.txt")
     return 0

@@ -15,7 +15,7 @@ from dinocell.commands.eval_setup import (
     labelled,
 )
 from dinocell.eval.errors import EvalError
-from dinocell.eval.report import format_table, percent, write_results
+from dinocell.eval.report import write_results
 
 PROG = "dinocell eval knn"
 DEFAULT_KS = (10, 20, 100, 200)  # DINO's
@@ -54,21 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def tables(results: dict) -> str:
-    rows = [[k, percent(m["accuracy"]), percent(m.get("top5")), percent(m["balanced_accuracy"]),
-             percent(m["macro_f1"])] for k, m in results["k"].items()]
-    text = format_table(["k", "top-1 %", "top-5 %", "balanced acc %", "macro-F1 %"], rows)
-    first = next(iter(results["k"].values()))
-    per_class = [[c, *(percent(m["per_class_accuracy"][c]) for m in results["k"].values())]
-                 for c in first["per_class_accuracy"]]
-    headers = ["class", *(f"k={k} acc %" for k in results["k"])]
-    return text + "\n\nper-class accuracy (recall)\n" + format_table(headers, per_class)
-
-
 @command(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dinocell.eval.knn import knn_evaluate
+    from dinocell.eval.knn import knn_evaluate, knn_table
 
     kinds = tuple(args.features.split("+"))
     inputs = Inputs(args, kinds)
@@ -88,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         "bad_samples_skipped": {"train": train.bad_counts()["total"], "test": test.bad_counts()["total"]},
         **inputs.description(),
     }
-    table = tables(results)
+    table = knn_table(results)
     write_results(args.output_dir, "knn", results, table)
     print(f"k-NN: {len(train_y)} reference / {len(test_y)} query samples, {num_classes} classes, "
           f"T={args.temperature}\n{table}\nresults: {args.output_dir}/knn.json, knn.txt")

@@ -1,4 +1,4 @@
-"""`dinocell plot-metrics RUN_DIR`: training curves of a run (losses, schedules, gradient norm, speed, k-NN)."""
+"""`dinocell plot-metrics RUN_DIR`: training curves of a run (losses, schedules, gradient norm, speed, evaluations)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dinocell plot-metrics",
         description="Draw a run's training curves over iterations from RUN_DIR/training_metrics.json and "
-        "RUN_DIR/eval/knn.json: the loss terms, learning rate, weight decay, teacher temperature and EMA momentum, "
-        "gradient norm, images/s, time per iteration and data wait, and k-NN top-1. Resumed runs are drawn once "
-        "per iteration (the lines of the latest attempt win). Works while the run is going.",
+        "RUN_DIR/eval/metrics.json: the loss terms, learning rate, weight decay, teacher temperature and EMA momentum, "
+        "gradient norm, images/s, time per iteration and data wait, and the evaluations of the teacher (k-NN top-1 "
+        "of every k, channel-consistency retrieval). Resumed runs are drawn once per iteration (the lines of the "
+        "latest attempt win). Works while the run is going.",
         epilog="example: dinocell plot-metrics output/ --out curves.png",
     )
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run's output directory (train.output_dir)")

@@ -1,9 +1,11 @@
 """`dinocell viz attention|pca|embedding|montage`: pictures of what a model learned and of what it is fed.
 
-The model is built from the config (default YAML <- --config-file <- key=value overrides, as for `dinocell train`)
-and its weights come from --checkpoint (anything dinocell.models.load_pretrained accepts). Images come from a
-dataset string (--dataset) or from files (--images, TIFF/PNG/JPEG/NPZ), seen through the eval view of the config
-(centre crop of crops.global_crops_size, channel rule, crops.channel_mean/std).
+The model options and the model loading are those of `dinocell eval` (dinocell.commands.eval_setup): the config
+(default YAML <- --config-file <- --arch, --patch-size, --in-chans, --n-storage-tokens, --image-size) and the weights
+of --checkpoint (anything dinocell.models.load_pretrained accepts). Images come from a dataset string (--dataset) or
+from files (--images, TIFF/PNG/JPEG/NPZ), seen through the eval view of the config (centre crop of
+crops.global_crops_size, channel rule, crops.channel_mean/std). `montage` needs no model but the crop settings:
+--config-file + KEY=VALUE overrides, as for `dinocell train`.
 """
 
 from __future__ import annotations
@@ -14,16 +16,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dinocell.commands.boundary import add_debug_option, command
+from dinocell.commands.eval_setup import add_model_options, device_of, load_model
 from dinocell.errors import UsageError
+from dinocell.eval.errors import EvalError
 
 EXAMPLE_MODEL = "--config-file run/config.yaml --checkpoint run/eval/final/teacher_checkpoint.pth"
 EXAMPLES = {
     "attention": f"dinocell viz attention {EXAMPLE_MODEL} --dataset SyntheticCellPainting:split=test --num-images 4 "
     "--masks --out attention/",
-    "pca": f"dinocell viz pca {EXAMPLE_MODEL} --images cell1.tif cell2.tif --foreground-threshold 0.5 --out pca/",
+    "pca": f"dinocell viz pca {EXAMPLE_MODEL} --image-size 96 --images cell1.tif cell2.tif --foreground-threshold 0.5 "
+    "--out pca/",
     "embedding": f"dinocell viz embedding {EXAMPLE_MODEL} --dataset SyntheticCellPainting:split=test:size=400 "
     "--color-by label --out embedding/",
     "montage": "dinocell viz montage --config-file configs/train/demo.yaml --dataset SyntheticCellPainting "
@@ -31,21 +34,11 @@ EXAMPLES = {
 }
 
 
-def _add_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config-file", metavar="YAML",
-                        help="the run's config.yaml or a recipe (model size, patch size, channels, crops, "
-                        "normalisation)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. student.arch=vit_small crops.global_crops_size=448")
-    add_debug_option(parser)
-
-
 def _add_model(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", metavar="PATH",
-                        help="weights: eval dump teacher_checkpoint.pth, training checkpoint dir/file, official DINOv3 "
-                        "backbone file or Hugging Face DINOv3 dir; omit to look at a randomly initialised backbone")
+    """The model options of `dinocell eval` (--checkpoint, --config-file, --arch, ...), plus the device."""
+    add_model_options(parser)
     parser.add_argument("--device", metavar="DEV", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of a random initialisation (default: 0)")
+    add_debug_option(parser)
 
 
 def _add_images(parser: argparse.ArgumentParser, default_count: int) -> None:
@@ -75,7 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     attention = sub("attention", "last-block cls-to-patch attention per head, overlaid on each image: <id>.png "
                     "(image + mean over heads), <id>_heads.png, <id>_heads.gif, and with --masks <id>_masks.png")
-    _add_config(attention)
     _add_model(attention)
     _add_images(attention, 4)
     attention.add_argument("--masks", type=float, nargs="?", const=0.6, metavar="SHARE",
@@ -85,7 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     pca = sub("pca", "first three PCA components of the patch tokens as RGB, fitted over all images given: "
               "<id>_pca.png per image and pca_grid.png")
-    _add_config(pca)
     _add_model(pca)
     _add_images(pca, 8)
     pca.add_argument("--foreground-threshold", type=float, metavar="T",
@@ -97,7 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     embedding = sub("embedding", "UMAP or PCA map of the L2-normalised cls features, coloured by the label or a "
                     "metadata column: embedding_<method>.png and embedding_<method>.csv (id, x, y, colour)")
-    _add_config(embedding)
     _add_model(embedding)
     source = embedding.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", metavar="DATASET", help="dataset string (all its samples are mapped)")
@@ -117,36 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     montage = sub("montage", "what the model sees: per sample the field, its channels, and the global and local "
                   "crops of the training transform of the config, in one PNG")
-    _add_config(montage)
+    montage.add_argument("--config-file", metavar="YAML",
+                         help="a recipe or a run's config.yaml: the crop settings (sizes, scales, channel views, "
+                         "augmentations, normalisation)")
+    montage.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                         help="config overrides, e.g. crops.local_crops_number=4 crops.global_crops_size=96")
     _add_images(montage, 4)
     montage.add_argument("--out", type=Path, required=True, metavar="PNG", help="output PNG file")
+    add_debug_option(montage)
     return parser
-
-
-def _config(args: argparse.Namespace) -> Any:
-    from dinocell.commands.common import load_checked_config
-
-    return load_checked_config(args.config_file, args.overrides)
-
-
-def _backbone(cfg: Any, args: argparse.Namespace) -> tuple[torch.nn.Module, torch.device]:
-    from dinocell.models import build_backbone, load_pretrained
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(args.seed)
-    s = cfg.student
-    backbone = build_backbone(s.arch, **s.backbone_kwargs())
-    if args.checkpoint:
-        print(load_pretrained(backbone, args.checkpoint))
-    else:
-        print(f"no --checkpoint: a randomly initialised {s.arch} (seed {args.seed})")
-    return backbone.to(device).eval(), device
 
 
 def _dataset(args: argparse.Namespace) -> Any:
     if args.images:
         overrides = [str(p) for p in args.images if "=" in p.name and not p.exists()]
-        if overrides:
+        if overrides and args.figure == "montage":
             raise UsageError(f"--images got {overrides}, which look like config overrides: put KEY=VALUE overrides "
                              "before --images (which takes every value after it)")
         from dinocell.eval.image_files import ImageFiles
@@ -172,90 +147,63 @@ def _names(args: argparse.Namespace) -> list[str] | None:
     return args.channel_names.split(",") if args.channel_names else None
 
 
-# The crop pipeline is used here only.
-def _model_view(cfg: Any) -> Any:
-    """sample -> sample whose image is what the model sees (eval view of the config)."""
-    from dinocell.pipeline.loaders import build_eval_transform
+def _model_and_views(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(model, device, views of the chosen samples) for attention and PCA."""
+    from dinocell.eval.model_pictures import sample_views
 
-    return build_eval_transform(cfg)
-
-
-def _display_view(cfg: Any, sample: dict) -> torch.Tensor:
-    """The model view's pixels with every channel of the sample and no normalisation, for composites."""
-    from dinocell.pipeline.transforms import EvalTransform
-
-    return EvalTransform(int(cfg.crops.global_crops_size), sample["image"].shape[0], None, None)(sample)["image"]
-
-
-def _crop_transform(cfg: Any) -> Any:
-    """(sample, position) -> global and local crops: the training transform of the config."""
-    from dinocell.pipeline.loaders import build_ssl_transform
-
-    return build_ssl_transform(cfg)
-
-
-def _views(args: argparse.Namespace, cfg: Any) -> tuple[torch.Tensor, list, list[str]]:
-    """Model inputs [B, C, S, S], display pictures and ids of the chosen samples."""
-    from dinocell.eval.render import composite
-
-    dataset, model_view = _dataset(args), _model_view(cfg)
-    samples = [dataset[i] for i in _indices(args, len(dataset))]
-    images = torch.stack([model_view(s)["image"] for s in samples])
-    pictures = [composite(_display_view(cfg, s), _names(args)) for s in samples]
-    return images, pictures, [str(s.get("id", i)) for i, s in enumerate(samples)]
+    device = device_of(args)
+    model = load_model(args, device)
+    dataset = _dataset(args)
+    views = sample_views([dataset[i] for i in _indices(args, len(dataset))], model.transform, _names(args))
+    return model, device, views
 
 
 def _attention(args: argparse.Namespace) -> list[Path]:
-    from dinocell.eval.attention_maps import attention_figures, cls_attention_maps, write_attention
+    from dinocell.eval.model_pictures import attention_pictures, write_attention_pictures
 
-    cfg = _config(args)
-    backbone, device = _backbone(cfg, args)
-    images, pictures, ids = _views(args, cfg)
-    attention = cls_attention_maps(backbone, images.to(device))
-    written = []
-    for k, (picture, sample_id) in enumerate(zip(pictures, ids)):
-        figures = attention_figures(picture, attention, k, backbone.patch_size, mass_share=args.masks)
-        written += write_attention(figures, args.out, sample_id)
-    return written
+    model, device, views = _model_and_views(args)
+    figures = attention_pictures(model.backbone, views, device, mass_share=args.masks)
+    return write_attention_pictures(figures, views, args.out)
 
 
 def _pca(args: argparse.Namespace) -> list[Path]:
-    from dinocell.eval.pca_maps import patch_tokens, pca_feature_maps, pca_figures, write_pca
+    from dinocell.eval.model_pictures import pca_pictures
+    from dinocell.eval.pca_maps import write_pca
 
-    cfg = _config(args)
-    backbone, device = _backbone(cfg, args)
-    images, pictures, ids = _views(args, cfg)
-    rgb, _ = pca_feature_maps(patch_tokens(backbone, images.to(device)), args.foreground_threshold,
-                              args.invert_foreground)
-    return write_pca(*pca_figures(pictures, rgb, backbone.patch_size, ids), args.out, ids)
+    model, device, views = _model_and_views(args)
+    pairs, grid = pca_pictures(model.backbone, views, device, foreground_threshold=args.foreground_threshold,
+                               invert=args.invert_foreground)
+    return write_pca(pairs, grid, args.out, views.ids)
 
 
 def _embedding(args: argparse.Namespace) -> list[Path]:
-    from torch.utils.data import Subset
+    import torch
 
-    from dinocell.eval.embedding_map import (
-        colour_values,
-        embed_2d,
-        extract_cls_records,
-        plot_embedding,
-        write_coordinates,
-    )
+    from dinocell.eval.embedding_map import colour_values, embed_2d, plot_embedding, write_coordinates
+    from dinocell.eval.features import extract
 
-    cfg = _config(args)
-    backbone, device = _backbone(cfg, args)
+    device = device_of(args)
+    model = load_model(args, device)
     dataset = _dataset(args)
+    indices = None
     if args.max_samples is not None:
         if args.max_samples < 1:
             raise UsageError(f"--max-samples must be >= 1, got {args.max_samples}")
         count = min(args.max_samples, len(dataset))
-        dataset = Subset(dataset, [i * len(dataset) // count for i in range(count)])
-    features, records = extract_cls_records(backbone, dataset, _model_view(cfg),
-                                            batch_size=args.batch_size, num_workers=args.num_workers, device=device)
-    values = colour_values(records, args.color_by, getattr(getattr(dataset, "dataset", dataset), "classes", None))
+        indices = [i * len(dataset) // count for i in range(count)]
+    features = extract(model.backbone, dataset, model.transform, indices=indices, batch_size=args.batch_size,
+                       num_workers=args.num_workers, device=device)
+    if not len(features):
+        raise EvalError("no usable sample to map (the dataset is empty or every sample was a bad file)")
+    records = [{"id": i, "label": int(label), **meta}
+               for i, label, meta in zip(features.ids, features.labels, features.meta, strict=True)]
+    values = colour_values(records, args.color_by, features.classes)
     print(f"mapping {len(records)} features with {args.method.upper()}"
           + (" (its first call in a process compiles numba kernels: 30-60 s)" if args.method == "umap" else ""))
-    coords = embed_2d(features, args.method, n_neighbors=args.n_neighbors, min_dist=args.min_dist, seed=args.seed)
-    title = f"{args.method.upper()} of {len(records)} cls features ({cfg.student.arch}), coloured by {args.color_by}"
+    cls = torch.nn.functional.normalize(torch.from_numpy(features.matrix("cls")), dim=-1)
+    coords = embed_2d(cls, args.method, n_neighbors=args.n_neighbors, min_dist=args.min_dist, seed=args.seed)
+    title = (f"{args.method.upper()} of {len(records)} cls features ({model.cfg.student.arch}), coloured by "
+             f"{args.color_by}")
     return [
         plot_embedding(coords, values, args.out / f"embedding_{args.method}.png", title=title, column=args.color_by),
         write_coordinates(args.out / f"embedding_{args.method}.csv", records, coords, args.color_by, values),
@@ -263,12 +211,14 @@ def _embedding(args: argparse.Namespace) -> list[Path]:
 
 
 def _montage(args: argparse.Namespace) -> list[Path]:
+    from dinocell.commands.common import load_checked_config
     from dinocell.eval.montage import crop_montage
     from dinocell.eval.render import save_png
+    from dinocell.pipeline.loaders import build_ssl_transform
 
-    cfg = _config(args)
+    cfg = load_checked_config(args.config_file, args.overrides)
     dataset = _dataset(args)
-    picture = crop_montage(dataset, _crop_transform(cfg), _indices(args, len(dataset)),
+    picture = crop_montage(dataset, build_ssl_transform(cfg), _indices(args, len(dataset)),
                            channel_names=_names(args), views=dataclasses.asdict(cfg.crops.channel_views))
     return [save_png(picture, args.out)]
 
@@ -276,8 +226,8 @@ def _montage(args: argparse.Namespace) -> list[Path]:
 @command("dinocell viz")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run = {"attention": _attention, "pca": _pca, "embedding": _embedding, "montage": _montage}[args.figure]
-    written = run(args)
+    draw = {"attention": _attention, "pca": _pca, "embedding": _embedding, "montage": _montage}[args.figure]
+    written = draw(args)
     print(f"wrote {len(written)} file(s):")
     for path in written:
         print(f"  {path}")

@@ -186,6 +186,9 @@ def _check_type(key: str, value: Any, expected: Any, origin: str) -> None:
     if not _is_instance(value, expected):
         # `key=` on the command line is YAML's null, which surprises people who meant an empty string
         hint = f"; an empty value is null, write \"{key}=''\" for an empty string" if value is None else ""
+        inner, _ = _optional(expected)
+        if typing.get_origin(inner) is list and _is_instance(value, typing.get_args(inner)[0]):
+            hint = f"; one value is a list of one: [{value}]"  # e.g. evaluation.knn_k (one int in older recipes)
         raise ConfigError(f"{key}={value!r} (set in {origin}): expected {_type_label(expected)}{hint}")
 
 

@@ -344,13 +344,19 @@ class CropsConfig:
 
 @dataclass
 class EvaluationConfig:
+    """What the trainer measures on the teacher at the start, every eval period and at the end: each task runs when
+    its dataset string is set."""
+
     eval_period_iterations: int = 12500
     knn_train_dataset: str = ""
     knn_test_dataset: str = ""
-    knn_k: int = 20
+    knn_k: list[int] = field(default_factory=lambda: [20])
     knn_temperature: float = 0.07
     val_dataset: str = ""
     val_period_iterations: int = 0
+    channel_consistency_dataset: str = ""
+    viz_dataset: str = ""
+    viz_num_images: int = 4
 
     @property
     def knn_enabled(self) -> bool:
@@ -358,7 +364,12 @@ class EvaluationConfig:
 
     def problems(self) -> Problems:
         yield from _non_negative(self, "eval_period_iterations", "val_period_iterations")
-        yield from _positive(self, "knn_k", "knn_temperature")
+        yield from _positive(self, "knn_temperature", "viz_num_images")
+        if not self.knn_k or min(self.knn_k) <= 0 or len(set(self.knn_k)) < len(self.knn_k):
+            yield "knn_k", "must be a non-empty list of different neighbour counts, each > 0 (e.g. [10, 20])"
+        if bool(self.knn_train_dataset) != bool(self.knn_test_dataset):
+            yield "knn_test_dataset" if self.knn_train_dataset else "knn_train_dataset", \
+                "k-NN needs both knn_train_dataset and knn_test_dataset (or neither)"
         if self.val_dataset and self.val_period_iterations == 0:
             yield "val_dataset", "is set but evaluation.val_period_iterations=0: set how often to validate (e.g. 500)"
 
@@ -387,12 +398,19 @@ class ComputePrecisionConfig:
 
 @dataclass
 class LoggingConfig:
+    """The metric sinks next to the JSON lines and the console (dinocell.logging.sinks)."""
+
     wandb: bool = False
     wandb_project: str = "dinocell"
     wandb_run_name: str = ""
+    tensorboard: bool = False
+    trackio: bool = False
+    trackio_project: str = "dinocell"
 
     def problems(self) -> Problems:
-        return iter(())
+        for name in ("wandb_project", "trackio_project"):
+            if not getattr(self, name).strip():
+                yield name, "must name a project (a non-empty string)"
 
 
 @dataclass

@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dinocell import distributed
 from dinocell.eval.errors import EvalError
-from dinocell.eval.features import SampleRecords, collate_records, embed
+from dinocell.eval.features import SampleRecords, batches, collate_records, embed, shard
+from dinocell.eval.report import format_table, percent
 from dinocell.logging.progress import Progress
 from dinocell.pipeline.augmentations import normalize
 from dinocell.pipeline.transforms import EvalTransform, take_view, to_in_chans
@@ -103,24 +105,30 @@ def channel_consistency(
     batch_size: int,
     num_workers: int,
     device: torch.device | str,
+    distributed_shards: bool = False,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Embed every field of `dataset` under every channel view and score the views against the mean view.
 
     Returns {"n_fields", "skipped", "chance_top1", "views": {name: scores}, "channel_average": scores averaged
-    over the single-channel views}. Substitutes of bad samples are skipped and counted.
+    over the single-channel views}. Substitutes of bad samples are skipped and counted. With `distributed_shards`
+    every rank of the process group embeds a contiguous share of the fields and all ranks return the same result
+    (every rank must call this).
     """
-    if not len(dataset):  # type: ignore[arg-type]
+    n = len(dataset)  # type: ignore[arg-type]
+    if not n:
         raise EvalError("channel consistency got an empty dataset")
     views = ChannelViews(size, in_chans, dataset[0]["image"].shape[0], channel_mean, channel_std)
     device = torch.device(device)
-    loader = DataLoader(SampleRecords(dataset, views), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_records, pin_memory=device.type == "cuda")
+    share = shard(range(n), distributed_shards)
+    loader = DataLoader(SampleRecords(dataset, views), batch_sampler=batches(share, batch_size),
+                        num_workers=num_workers, collate_fn=collate_records, pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
     feats, skipped = [], 0
     try:
-        with Progress(len(dataset), "channel views", "field", enabled=show_progress) as bar:  # type: ignore[arg-type]
+        main_rank = not distributed_shards or distributed.get_rank() == 0
+        with Progress(len(share), "channel views", "field", enabled=show_progress and main_rank) as bar:
             for stacks, kept, bad in loader:
                 skipped += len(bad)
                 if stacks is not None:
@@ -130,6 +138,9 @@ def channel_consistency(
                 bar.update(len(kept) + len(bad))
     finally:
         model.train(was_training)
+    if distributed_shards and distributed.get_world_size() > 1:
+        shares = distributed.all_gather_object((feats, skipped))
+        feats, skipped = [f for rank_feats, _ in shares for f in rank_feats], sum(s for _, s in shares)
     if not feats:
         raise EvalError("channel consistency got no usable field")
     features = torch.cat(feats)
@@ -143,6 +154,16 @@ def channel_consistency(
         "views": scores,
         "channel_average": {k: float(np.mean([s[k] for s in singles])) for k in singles[0]},
     }
+
+
+def consistency_table(results: dict) -> str:
+    """The results of `channel_consistency` as text: one row per view and the single-channel average."""
+    rows = [[view, f"{s['cosine_to_mean']:.4f}", percent(s["retrieval_top1"])] for view, s in results["views"].items()]
+    rows.append(["(single-channel average)", f"{results['channel_average']['cosine_to_mean']:.4f}",
+                 percent(results["channel_average"]["retrieval_top1"])])
+    head = (f"{results['n_fields']} fields, views against the mean view; retrieval chance "
+            f"{percent(results['chance_top1'])} %\n")
+    return head + format_table(["view", "cosine to mean", "retrieval top-1 %"], rows)
 
 
 def _channel_names(dataset: Dataset, n_channels: int) -> list[str] | None:

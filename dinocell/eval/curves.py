@@ -1,4 +1,6 @@
-"""Training curves of a run directory: `training_metrics.json` (JSON lines) and `eval/knn.json`, over iterations.
+"""Training curves of a run directory, over iterations: `training_metrics.json` (JSON lines) and the evaluations
+during training, from `eval/metrics.json` (k-NN top-1 of every k, channel-consistency retrieval), or, for runs
+written before it existed, from `eval/knn.json` (k-NN top-1 at the start and the end).
 
 Resumed runs: a restart shows in the file as an iteration lower than or equal to one already read. Everything the
 earlier attempt logged from that iteration on is superseded by the lines that follow (so a repeated iteration keeps
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dinocell.eval.errors import EvalError
-from dinocell.logging.sinks import METRICS_FILE
+from dinocell.logging.sinks import EVAL_METRICS_FILE, METRICS_FILE
 
 logger = logging.getLogger("dinocell")
 
@@ -59,16 +61,35 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def read_knn(run_dir: str | Path, last_iteration: int) -> list[tuple[int, float]]:
-    """(iteration, top-1 %) points of eval/knn.json: "init" at iteration 0, "final" after the last iteration."""
-    path = Path(run_dir) / KNN_FILE
-    if not path.is_file():
-        return []
-    result = json.loads(path.read_text())
+def read_eval_curves(run_dir: str | Path, last_iteration: int) -> dict[str, list[tuple[int, float]]]:
+    """label -> (iterations done, %) points of the evaluations during training: k-NN top-1 of every k and the
+    channel-consistency retrieval top-1 (average over the single channels). From eval/metrics.json; for older runs
+    from eval/knn.json ("init" at iteration 0, "final" after the last iteration)."""
+    run_dir = Path(run_dir)
+    curves: dict[str, list[tuple[int, float]]] = {}
+    if (run_dir / EVAL_METRICS_FILE).is_file():
+        for record in read_metrics(run_dir / EVAL_METRICS_FILE):
+            for field, value in record.items():
+                label = _eval_label(field)
+                if label is not None:
+                    curves.setdefault(label, []).append((record["iteration"], 100.0 * value))
+        return curves
+    if not (run_dir / KNN_FILE).is_file():
+        return curves
+    result = json.loads((run_dir / KNN_FILE).read_text())
     points = [(0, result["init"])] if "init" in result else []
     if "final" in result:
         points.append((last_iteration + 1, result["final"]))
-    return points
+    return {f"k-NN top-1 k={result['k']}": points} if points else {}
+
+
+def _eval_label(field: str) -> str | None:
+    """The legend of an eval/metrics.json field that is drawn, else None."""
+    if field.startswith("eval/knn_k") and field.endswith("_top1"):
+        return f"k-NN top-1 k={field[len('eval/knn_k'):-len('_top1')]}"
+    if field == "eval/channel_retrieval_top1":
+        return "channel retrieval top-1"
+    return None
 
 
 def _fields(records: list[dict[str, Any]], patterns: tuple[str, ...]) -> list[str]:
@@ -93,7 +114,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
     records = read_metrics(metrics_path)
     if not records:
         raise EvalError(f"{metrics_path} holds no records yet; the first appears after train.log_every iterations")
-    knn = read_knn(run_dir, records[-1]["iteration"])
+    evals = read_eval_curves(run_dir, records[-1]["iteration"])
     width, height = FIGURE_SIZE_PX
     fig, axes = plt.subplots(3, 3, figsize=(width / FIGURE_DPI, height / FIGURE_DPI), dpi=FIGURE_DPI)
     for ax, (title, patterns, log_scale) in zip(axes.flat, PANELS):
@@ -109,14 +130,16 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
         ax.set_title(title, fontsize="medium")
     ax = axes.flat[len(PANELS)]
-    if knn:
-        ax.plot(*zip(*knn), marker="o", linestyle="--")
+    for label, points in evals.items():
+        ax.plot(*zip(*points), marker="o", linestyle="--", label=label)
+        for iteration, value in {points[0], points[-1]}:  # the start and the latest value
+            ax.annotate(f"{value:.2f}%", (iteration, value), textcoords="offset points", xytext=(0, 6), ha="center")
+    if evals:
         ax.margins(x=0.1, y=0.25)
-        for iteration, top1 in knn:
-            ax.annotate(f"{top1:.2f}%", (iteration, top1), textcoords="offset points", xytext=(0, 6), ha="center")
+        ax.legend(fontsize="x-small")
     else:
-        ax.text(0.5, 0.5, f"no {KNN_FILE}", ha="center", va="center", transform=ax.transAxes, color="grey")
-    ax.set_title("k-NN top-1 (%)", fontsize="medium")
+        ax.text(0.5, 0.5, f"no {EVAL_METRICS_FILE}", ha="center", va="center", transform=ax.transAxes, color="grey")
+    ax.set_title("evaluation of the teacher (%)", fontsize="medium")
     for ax in axes[-1]:
         ax.set_xlabel("iteration")
     fig.suptitle(f"{run_dir.resolve().name}: {len(records)} records, iterations {records[0]['iteration']}-"

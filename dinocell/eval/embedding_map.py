@@ -3,22 +3,19 @@
 UMAP (umap-learn, an optional extra) uses scDINO's settings by default: 30 neighbours, min_dist 0.4, cosine metric on
 the L2-normalised features; n_neighbors is capped at N - 1 for small sets. PCA needs nothing beyond torch and is
 exact and fast. The map is written as a PNG and the coordinates as CSV (id, x, y, colour value) for other tools.
+The features come from dinocell.eval.features.extract, which keeps each sample's id, label and metadata.
 """
 
 from __future__ import annotations
 
 import csv
 import difflib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from dinocell.errors import MissingDependencyError
 from dinocell.eval.errors import EvalError
@@ -28,54 +25,6 @@ FIGURE_SIZE_PX = (800, 600)
 FIGURE_DPI = 100
 MAX_LEGEND_ENTRIES = 20
 MIN_CONTINUOUS_VALUES = 13  # a numeric column with more distinct values than this is drawn with a colour bar
-
-
-class _FeatureInput(Dataset):
-    """(image, record) pairs: the eval view of each sample plus its id, label and metadata (no image)."""
-
-    def __init__(self, dataset: Dataset, transform: Callable[[dict], dict]) -> None:
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        view = self.transform(self.dataset[index])
-        record = {"id": str(view.get("id", index)), "label": int(view.get("label", -1)), **view.get("meta", {})}
-        return view["image"], record
-
-
-def _collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
-    images, records = zip(*batch)
-    return torch.stack(images), list(records)
-
-
-@torch.inference_mode()
-def extract_cls_records(
-    model: nn.Module,
-    dataset: Dataset,
-    transform: Callable[[dict], dict],
-    *,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device | str,
-) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """L2-normalised cls features [N, D] and, per sample, {"id", "label", **meta}; unlike
-    dinocell.eval.features.extract_features this keeps the ids and metadata a map is coloured by."""
-    loader = DataLoader(_FeatureInput(dataset, transform), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate)
-    was_training = model.training
-    model.eval()
-    features, records = [], []
-    try:
-        for images, batch_records in tqdm(loader, desc="features", unit="batch", leave=False):
-            features.append(F.normalize(model(images.to(device)).float(), dim=-1).cpu())
-            records += batch_records
-    finally:
-        model.train(was_training)
-    if not records:
-        raise EvalError("the dataset is empty; an embedding map needs at least one sample")
-    return torch.cat(features), records
 
 
 def colour_values(records: Sequence[dict[str, Any]], column: str, classes: Sequence[str] | None = None) -> list[Any]:

@@ -189,8 +189,17 @@ def _feature_batches(
         progress.close()
 
 
-def _split(indices: Sequence[int], size: int) -> list[list[int]]:
+def batches(indices: Sequence[int], size: int) -> list[list[int]]:
+    """`indices` in consecutive batches of `size` (the last one shorter)."""
     return [list(indices[i : i + size]) for i in range(0, len(indices), size)]
+
+
+def shard(indices: Sequence[int], distributed_shards: bool) -> list[int]:
+    """This rank's contiguous share of `indices` (all of them without `distributed_shards`); shares of consecutive
+    ranks follow each other, so gathering them in rank order restores the order of `indices`."""
+    rank, world = (distributed.get_rank(), distributed.get_world_size()) if distributed_shards else (0, 1)
+    n = len(indices)
+    return list(indices[rank * n // world : (rank + 1) * n // world])
 
 
 def extract(
@@ -202,10 +211,12 @@ def extract(
     batch_size: int,
     num_workers: int,
     device: torch.device | str,
+    indices: Sequence[int] | None = None,
     distributed_shards: bool = False,
     show_progress: bool = True,
 ) -> FeatureSet:
-    """Features of every sample of `dataset` (substitutes of bad samples skipped), in dataset order.
+    """Features of every sample of `dataset`, or of the samples at `indices` (substitutes of bad samples skipped),
+    in that order.
 
     `transform` maps a sample record to the image the model sees, or to a record holding it under "image"
     (dinocell's eval transform can be passed as is); None feeds sample["image"] unchanged. With
@@ -213,16 +224,13 @@ def extract(
     whole set (every rank must call this).
     """
     kinds = check_kinds(kinds)
-    n = len(dataset)  # type: ignore[arg-type]
-    rank, world = (distributed.get_rank(), distributed.get_world_size()) if distributed_shards else (0, 1)
-    share = list(range(rank * n // world, (rank + 1) * n // world))
-    progress = Progress(len(share), "features", "img", enabled=show_progress and rank == 0)
-    parts = list(_feature_batches(model, dataset, transform, _split(share, batch_size), kinds,
+    share = shard(range(len(dataset)) if indices is None else indices, distributed_shards)  # type: ignore[arg-type]
+    progress = Progress(len(share), "features", "img",
+                        enabled=show_progress and (not distributed_shards or distributed.get_rank() == 0))
+    parts = list(_feature_batches(model, dataset, transform, batches(share, batch_size), kinds,
                                   num_workers=num_workers, device=device, progress=progress))
-    if world > 1:
-        gathered: list[list[FeatureSet] | None] = [None] * world
-        torch.distributed.all_gather_object(gathered, parts)
-        parts = [p for rank_parts in gathered for p in rank_parts or []]
+    if distributed_shards:
+        parts = [p for rank_parts in distributed.all_gather_object(parts) for p in rank_parts]
     return FeatureSet.concat(parts, classes=dataset.classes)
 
 
@@ -344,10 +352,10 @@ def export_features(
             _write_json(directory / MANIFEST, manifest)
     distributed.barrier()
     todo = [k for k in range(rank, n_chunks, world) if not _chunk_path(directory, k).is_file()]
-    batches = [b for k in todo for b in _split(range(k * chunk_size, min(n, (k + 1) * chunk_size)), batch_size)]
-    progress = Progress(sum(len(b) for b in batches), "features", "img", enabled=show_progress and rank == 0)
+    todo_batches = [b for k in todo for b in batches(range(k * chunk_size, min(n, (k + 1) * chunk_size)), batch_size)]
+    progress = Progress(sum(len(b) for b in todo_batches), "features", "img", enabled=show_progress and rank == 0)
     pending: dict[int, list[FeatureSet]] = {}
-    for part in _feature_batches(model, dataset, transform, batches, kinds, num_workers=num_workers,
+    for part in _feature_batches(model, dataset, transform, todo_batches, kinds, num_workers=num_workers,
                                  device=device, progress=progress):
         first = int(part.index[0]) if len(part) else int(part.skipped[0]["index"])
         chunk = first // chunk_size

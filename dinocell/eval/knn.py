@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from dinocell.eval.errors import EvalError
 from dinocell.eval.metrics import classification_metrics
+from dinocell.eval.report import format_table, percent
 
 
 def _check(train_feats, train_labels, test_feats, test_labels, ks, temperature, num_classes) -> None:
@@ -84,6 +85,18 @@ def knn_evaluate(
             metrics["top5"] = float(torch.cat(top5_hits[k]).float().mean())
         results[k] = metrics
     return results
+
+
+def knn_table(results: dict) -> str:
+    """The k-NN results ({"k": {k: metrics}}) as text: one row per k, then per-class accuracy (knn.txt)."""
+    rows = [[k, percent(m["accuracy"]), percent(m.get("top5")), percent(m["balanced_accuracy"]),
+             percent(m["macro_f1"])] for k, m in results["k"].items()]
+    text = format_table(["k", "top-1 %", "top-5 %", "balanced acc %", "macro-F1 %"], rows)
+    first = next(iter(results["k"].values()))
+    per_class = [[c, *(percent(m["per_class_accuracy"][c]) for m in results["k"].values())]
+                 for c in first["per_class_accuracy"]]
+    headers = ["class", *(f"k={k} acc %" for k in results["k"])]
+    return text + "\n\nper-class accuracy (recall)\n" + format_table(headers, per_class)
 
 
 def knn_classify(

@@ -1,13 +1,15 @@
-"""Where metrics and pictures of a run go. Each sink takes the same three calls, so the MetricsLogger holds a list:
+"""Where metrics and pictures of a run go. Each sink takes the same four calls, so the MetricsLogger holds a list:
 
     log_metrics(record)          one training record: a flat dict with an int "iteration" and numbers
+    log_eval(record)             one evaluation record: "iteration" (iterations done) and "eval/..." numbers
     log_images(images, step)     {name: uint8 [H, W, 3] picture}, e.g. attention maps at an eval period
     close()
 
-- JsonLinesSink: output_dir/training_metrics.json, one object per line; a resumed run first drops the lines from its
-  start iteration on (the iterations it is about to repeat) and any line a crash cut off. Pictures are written as
-  files by their producer.
-- ConsoleSink: the one-line summary per record on the "dinocell" logger (stdout and logs/log.txt).
+- JsonLinesSink: output_dir/training_metrics.json and output_dir/eval/metrics.json, one object per line; a resumed run
+  first drops the lines from its start iteration on (the iterations it is about to repeat) and any line a crash cut
+  off. Pictures are written as files by their producer.
+- ConsoleSink: the one-line summary per training record on the "dinocell" logger (stdout and logs/log.txt); the
+  evaluation writes its own summary lines.
 - WandbSink: Weights & Biases, online or offline (WANDB_MODE); a resumed run continues the same wandb run.
 - TensorBoardSink: event files under output_dir/tensorboard (torch.utils.tensorboard); a resumed run purges the
   events from its start iteration on, so the curves show no doubled stretch.
@@ -31,10 +33,13 @@ import numpy as np
 
 logger = logging.getLogger("dinocell")
 METRICS_FILE = "training_metrics.json"
+EVAL_METRICS_FILE = "eval/metrics.json"
 
 
 class MetricsSink(Protocol):
     def log_metrics(self, record: dict[str, Any]) -> None: ...
+
+    def log_eval(self, record: dict[str, Any]) -> None: ...
 
     def log_images(self, images: dict[str, np.ndarray], step: int) -> None: ...
 
@@ -46,26 +51,34 @@ def _numbers(record: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def _before(path: Path, line: str, start_iteration: int) -> bool:
+    """Keep a line of an iteration before the resume point; a line cut off by a crash is dropped."""
+    try:
+        return json.loads(line)["iteration"] < start_iteration
+    except (json.JSONDecodeError, KeyError, TypeError):
+        if line.strip():
+            logger.warning("%s: dropping a line that is not a complete record: %.80s", path, line)
+        return False
+
+
 class JsonLinesSink:
     def __init__(self, output_dir: Path, *, start_iteration: int) -> None:
         self.path = Path(output_dir) / METRICS_FILE
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if self._before(line, start_iteration)]
-            tmp = self.path.with_suffix(".json.tmp")  # replaced atomically: a crash here keeps the old lines
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
-
-    def _before(self, line: str, start_iteration: int) -> bool:
-        """Keep a line of an iteration before the resume point; a line cut off by a crash is dropped."""
-        try:
-            return json.loads(line)["iteration"] < start_iteration
-        except (json.JSONDecodeError, KeyError, TypeError):
-            if line.strip():
-                logger.warning("%s: dropping a line that is not a complete record: %.80s", self.path, line)
-            return False
+        self.eval_path = Path(output_dir) / EVAL_METRICS_FILE
+        for path in (self.path, self.eval_path):
+            if path.exists():
+                kept = [line for line in path.read_text().splitlines() if _before(path, line, start_iteration)]
+                tmp = path.with_suffix(".json.tmp")  # replaced atomically: a crash here keeps the old lines
+                tmp.write_text("".join(line + "\n" for line in kept))
+                tmp.replace(path)
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def log_eval(self, record: dict[str, Any]) -> None:
+        self.eval_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.eval_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
@@ -115,6 +128,9 @@ class ConsoleSink:
             self._eta(record["iteration"]), _validation(record),
         )
 
+    def log_eval(self, record: dict[str, Any]) -> None:
+        pass  # dinocell.train.periodic logs a readable summary of each evaluation itself
+
     def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
         pass
 
@@ -153,6 +169,8 @@ class WandbSink:
     def log_metrics(self, record: dict[str, Any]) -> None:
         self.run.log(record, step=record["iteration"])
 
+    log_eval = log_metrics
+
     def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
         self.run.log({name: self._wandb.Image(picture) for name, picture in images.items()}, step=step)
 
@@ -181,6 +199,8 @@ class TensorBoardSink:
             if field != "iteration":
                 self.writer.add_scalar(tensorboard_tag(field), value, step)
 
+    log_eval = log_metrics
+
     def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
         for name, picture in images.items():
             self.writer.add_image(name, picture, step, dataformats="HWC")
@@ -200,6 +220,8 @@ class TrackioSink:
     def log_metrics(self, record: dict[str, Any]) -> None:
         values = {k: v for k, v in _numbers(record).items() if k != "iteration"}
         self.run.log(values, step=record["iteration"])
+
+    log_eval = log_metrics
 
     def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
         self.run.log({name: self._trackio.Image(picture) for name, picture in images.items()}, step=step)

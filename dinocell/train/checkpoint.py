@@ -231,9 +231,16 @@ def load_latest_checkpoint(
 def save_eval_dump(eval_dir: Path, dump: dict[str, dict[str, torch.Tensor]]) -> Path:
     """`{role: state dict}` -> `eval_dir/<role>_checkpoint.pth`: DINO's {"teacher": {"backbone.*", "dino_head.*",
     "ibot_head.*"}} in teacher_checkpoint.pth, SimCLR's {"student": {"backbone.*", "projection_head.*"}} in
-    student_checkpoint.pth."""
+    student_checkpoint.pth. The file is replaced atomically (written beside it, then renamed over it); the rest of
+    `eval_dir` (the evaluations of that iteration) stays."""
     ((role, _),) = dump.items()
-    return atomic_save(dump, Path(eval_dir), EVAL_DUMP_FILES[role])
+    path = Path(eval_dir) / EVAL_DUMP_FILES[role]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    _write_file(dump, tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
 
 
 def capture_rng_state() -> dict[str, Any]:

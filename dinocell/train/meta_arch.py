@@ -127,10 +127,10 @@ class SSLMetaArch(nn.Module):
             units += [*getattr(net.backbone, "blocks", ()), *heads, net.backbone]
         return units
 
-    def eval_backbone(self) -> nn.Module | None:
-        """The teacher's backbone whole, for evaluation (k-NN) in one process, as in DINO: every rank must call it
-        (FSDP gathers the shards); ranks other than 0 get None."""
-        return parallel.whole_module(
+    def eval_backbone(self) -> nn.Module:
+        """The backbone whose features are evaluated: the teacher's, as in DINO. Collective under FSDP (a whole copy
+        is gathered on every rank, parallel.evaluation_copy)."""
+        return parallel.evaluation_copy(
             self.teacher.backbone, lambda: build_backbone(self.cfg.student.arch, **self.cfg.student.backbone_kwargs())
         )
 

@@ -31,9 +31,10 @@ class SSLMethod(Protocol):
         """Commit what follows a taken optimiser step (DINO: teacher EMA and centers), from the iteration's
         scheduled values and the forwards' `updates` (batch sums) added up over the micro-batches."""
 
-    def eval_backbone(self) -> nn.Module | None:
-        """The backbone whose features are evaluated (k-NN), whole, for one process (DINO: the teacher's; SimCLR: the
-        student's). Every rank must call it (a sharded model is gathered); ranks other than 0 get None."""
+    def eval_backbone(self) -> nn.Module:
+        """The backbone whose features are evaluated (DINO: the teacher's; SimCLR: the student's), whole on every rank:
+        evaluations run it on each rank's share of the samples. Every rank must call it (a sharded model is
+        gathered)."""
 
     def eval_dump(self) -> dict[str, dict[str, torch.Tensor]]:
         """{role: state dict} written to output_dir/eval/<iteration>/<role>_checkpoint.pth. Every rank must call it;

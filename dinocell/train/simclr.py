@@ -65,9 +65,9 @@ class SimCLRMetaArch(nn.Module):
                 logger.warning("simclr.sync_batchnorm: SyncBatchNorm needs CUDA; with gloo on CPU each process "
                                "normalises its own views (per-process BatchNorm statistics)")
 
-    def eval_backbone(self) -> nn.Module | None:
-        """The student's backbone (SimCLR has no other), for evaluation in one process; None on ranks other than 0."""
-        return self.student.backbone if distributed.get_rank() == 0 else None
+    def eval_backbone(self) -> nn.Module:
+        """The backbone whose features are evaluated: the student's (SimCLR has no other)."""
+        return self.student.backbone
 
     def after_step(self, values: Mapping[str, float], updates: dict[str, torch.Tensor]) -> None:
         """Nothing to do: SimCLR has no teacher and no running targets."""

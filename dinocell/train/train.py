@@ -1,16 +1,16 @@
 """The training loop: `train(cfg)` runs, or continues, one self-supervised run (method dino or simclr).
 
 Reads top to bottom: pre-flight checks (data, weights, output directory, resume compatibility) -> process group and
-output directory -> method, optimiser, schedules -> resume -> k-NN baseline -> data -> loop (one TrainStep per
-iteration over train.grad_accum_steps micro-batches; validation, best checkpoint and early stopping; metrics,
-checkpoints, eval dumps; a SIGTERM stop) -> end-of-run work (final eval dumps, pruning, final k-NN), which a rerun
-redoes when a kill interrupted it. Everything method-specific is behind the small interface of
-dinocell.train.methods. The command line around it is dinocell/commands/train.py.
+output directory -> method, optimiser, schedules -> resume -> metrics and the evaluation at the start -> data -> loop
+(one TrainStep per iteration over train.grad_accum_steps micro-batches; validation, best checkpoint and early
+stopping; metrics, checkpoints, eval dumps; a SIGTERM stop; periodic evaluations) -> end-of-run work (final eval
+dumps, pruning, the start -> end summary of the evaluations), which a rerun redoes when a kill interrupted it.
+Everything method-specific is behind the small interface of dinocell.train.methods; the evaluations are
+dinocell.train.periodic. The command line around it is dinocell/commands/train.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -29,13 +29,14 @@ from dinocell.train.checkpoint import BEST, prune_checkpoints, save_checkpoint, 
 from dinocell.train.early_stopping import EarlyStopping
 from dinocell.train.methods import build_method
 from dinocell.train.optim import build_optimizer, param_groups
+from dinocell.train.periodic import KNN_HISTORY, PeriodicEvaluation
 from dinocell.train.preflight import preflight
 from dinocell.train.resume import check_config_change, resume_from_checkpoint, set_aside_run
 from dinocell.train.schedules import build_schedules
 from dinocell.train.signals import StopRequest, Terminated
 from dinocell.train.state import TrainState, seed_everything
 from dinocell.train.step import StepResult, TrainStep
-from dinocell.train.validation import Validation, knn_top1
+from dinocell.train.validation import Validation
 
 logger = logging.getLogger("dinocell")
 
@@ -141,14 +142,6 @@ def train(cfg: SSLConfig, *, resume: bool = True, stop: StopRequest | None = Non
         autocast_dtype=cfg.compute_precision.autocast_dtype,
     )
 
-    knn_path = out / "eval" / "knn.json"
-    if cfg.evaluation.knn_enabled and state.iteration == 0:
-        backbone = model.eval_backbone()  # every rank: a sharded model is gathered onto rank 0
-        if is_main:
-            knn_path.parent.mkdir(parents=True, exist_ok=True)
-            init_top1 = knn_top1(cfg, backbone, device)
-            knn_path.write_text(json.dumps({"k": cfg.evaluation.knn_k, "init": init_top1}))
-            logger.info("k-NN top-1 at initialisation: %.2f%%", init_top1)
     validation = None
     if cfg.evaluation.val_period_iterations > 0:  # at the end-of-training values of the scheduled inputs
         validation = Validation(cfg, model, schedules.at(total_iters - 1), device=device,
@@ -156,8 +149,14 @@ def train(cfg: SSLConfig, *, resume: bool = True, stop: StopRequest | None = Non
 
     metrics = MetricsLogger(
         out, total_iterations=total_iters, start_iteration=state.iteration, enabled=is_main,
-        wandb_cfg=cfg.logging, config=config_to_dict(cfg),
+        logging_cfg=cfg.logging, config=config_to_dict(cfg),
     )
+    evaluation = PeriodicEvaluation(cfg, out, device=device, metrics=metrics, total_iterations=total_iters,
+                                    start_iteration=state.iteration)
+    if state.early_stopping.should_stop:  # a rerun of a run that stopped early ends where it stopped
+        evaluation.end_at(state.iteration)
+    if evaluation.due(state.iteration):  # the baseline at iteration 0, or the evaluation a resumed run repeats
+        evaluation.run(model.eval_backbone(), state.iteration)
     data = iter(build_ssl_loader_from_config(
         cfg, dataset, rank=dist_info.rank, world_size=dist_info.world_size, start_iter=state.iteration,
         pin_memory=device.type == "cuda",
@@ -226,31 +225,24 @@ def train(cfg: SSLConfig, *, resume: bool = True, stop: StopRequest | None = Non
         if stopping:
             metrics.close()
             raise Terminated
+        if last:
+            evaluation.end_at(done)  # total_iters, or where early stopping ends the run
+        if evaluation.due(done):
+            evaluation.run(model.eval_backbone(), done)
     if state.early_stopping.should_stop and is_main:
         logger.info("early stopping at iteration %d: %s", state.iteration, state.early_stopping.summary())
 
     # End-of-run work. A rerun after a kill between the last checkpoint and here resumes at the last iteration, runs
-    # no iteration and arrives here: the eval dumps and the pruning are redone (they are idempotent), the final k-NN
-    # unless eval/knn.json already holds the score of this iteration.
-    end = state.iteration  # total_iters, or where early stopping ended the run
+    # no iteration and arrives here (having repeated the final evaluation at its start): the eval dumps and the pruning
+    # are redone (they are idempotent).
     dumped = model.eval_dump()  # every rank: a sharded model is gathered onto rank 0
     if is_main:
-        weights = [save_eval_dump(out / "eval" / name, dumped) for name in (str(end), "final")][-1]
+        weights = [save_eval_dump(out / "eval" / name, dumped) for name in (str(state.iteration), "final")][-1]
         prune_checkpoints(out / "ckpt", cfg.checkpointing.max_to_keep)
-    knn = json.loads(knn_path.read_text()) if cfg.evaluation.knn_enabled and knn_path.exists() else {}
-    if cfg.evaluation.knn_enabled and knn.get("final_iteration") != end:
-        backbone = model.eval_backbone()  # every rank, as above
-        if is_main:
-            knn.update(k=cfg.evaluation.knn_k, final=knn_top1(cfg, backbone, device), final_iteration=end)
-            knn_path.write_text(json.dumps(knn))
-    if cfg.evaluation.knn_enabled and is_main:
-        init = knn.get("init", float("nan"))
-        logger.info("k-NN top-1 (k=%d) of the %s features: %.2f%% at initialisation -> %.2f%% trained "
-                    "(%+.2f points)", cfg.evaluation.knn_k, "teacher cls" if cfg.method == "dino" else "backbone",
-                    init, knn["final"], knn["final"] - init)
+    evaluation.log_summary()
     metrics.close()
     distributed.barrier()  # ranks leave together: one that left while rank 0 evaluated once aborted a gloo run at exit
     if is_main:
-        logger.info("run finished: weights %s; metrics %s%s", weights, out / METRICS_FILE,
-                    f"; k-NN {knn_path}" if cfg.evaluation.knn_enabled else "")
+        knn = f"; k-NN {out / 'eval' / KNN_HISTORY}" if cfg.evaluation.knn_enabled else ""
+        logger.info("run finished: weights %s; metrics %s%s", weights, out / METRICS_FILE, knn)
     return record

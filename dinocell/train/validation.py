@@ -7,8 +7,9 @@
   comparable across the run. Batches are the training micro-batches (batch x processes; an incomplete last one is
   dropped) and val_loss is their mean. For DINO it is the student-vs-teacher loss, which also moves with the teacher:
   k-NN selects DINO models better.
-- knn_top1: weighted k-NN top-1 (%) of the method's eval backbone (DINO's teacher, SimCLR's student) from
-  `evaluation.knn_train_dataset` to `knn_test_dataset`, when both are set; rank 0 computes it and shares it.
+- knn_top1: weighted k-NN top-1 (%, first k of `evaluation.knn_k`) of the method's eval backbone (DINO's teacher,
+  SimCLR's student) from `evaluation.knn_train_dataset` to `knn_test_dataset`, when both are set; the features are
+  extracted in shares over the ranks (a sharded model runs on every rank), rank 0 scores and shares the number.
 
 Every process takes part (the losses' collectives, and all must agree on early stopping). Validation draws nothing from
 the training's random generators (it runs under fork_rng), so a run with validation trains exactly like one without.
@@ -30,24 +31,24 @@ from dinocell.train.step import autocast_context
 
 
 def knn_top1(cfg: SSLConfig, backbone: torch.nn.Module, device: torch.device) -> float:
-    """k-NN top-1 (%) of `backbone`'s cls features: evaluation.knn_train_dataset -> evaluation.knn_test_dataset."""
-    from dinocell.eval.features import extract_features
+    """k-NN top-1 (%, the first k of evaluation.knn_k) of `backbone`'s cls features: evaluation.knn_train_dataset ->
+    knn_test_dataset. Collective: every rank extracts its share of the features; all get the number."""
+    from dinocell.eval.features import extract
     from dinocell.eval.knn import knn_classify
 
-    transform = build_eval_transform(cfg)
-    feats = {}
-    for split, dataset_str in (("train", cfg.evaluation.knn_train_dataset), ("test", cfg.evaluation.knn_test_dataset)):
-        dataset = make_dataset(dataset_str)
-        feats[split] = extract_features(
-            backbone, dataset, transform, batch_size=cfg.train.batch_size_per_gpu, num_workers=cfg.train.num_workers,
-            device=device,
-        )
-        num_classes = len(dataset.classes)
-    top1 = knn_classify(
-        *feats["train"], *feats["test"], k=cfg.evaluation.knn_k, temperature=cfg.evaluation.knn_temperature,
-        num_classes=num_classes,
-    )
-    return float(top1)
+    ev, transform = cfg.evaluation, build_eval_transform(cfg)
+    feats = [
+        extract(backbone, make_dataset(dataset_str), transform, batch_size=cfg.train.batch_size_per_gpu,
+                num_workers=cfg.train.num_workers, device=device, distributed_shards=True, show_progress=False)
+        for dataset_str in (ev.knn_train_dataset, ev.knn_test_dataset)
+    ]
+    top1 = None
+    if distributed.get_rank() == 0:
+        (train_x, train_y), (test_x, test_y) = ((torch.from_numpy(f.matrix()), torch.from_numpy(f.labels))
+                                                for f in feats)
+        top1 = knn_classify(train_x, train_y, test_x, test_y, k=ev.knn_k[0], temperature=ev.knn_temperature,
+                            num_classes=len(feats[0].classes))
+    return float(distributed.all_gather_object(top1)[0])
 
 
 class Validation:
@@ -87,9 +88,7 @@ class Validation:
             if self.loader is not None:
                 scores["val_loss"] = self._loss()
             if self.cfg.evaluation.knn_enabled:
-                backbone = self.model.eval_backbone()  # every rank: a sharded model is gathered onto rank 0
-                top1 = knn_top1(self.cfg, backbone, self.device) if backbone is not None else None
-                scores["knn_top1"] = distributed.all_gather_object(top1)[0]
+                scores["knn_top1"] = knn_top1(self.cfg, self.model.eval_backbone(), self.device)
         return scores
 
     @torch.no_grad()
