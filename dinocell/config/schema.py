@@ -302,6 +302,7 @@ class CropsConfig:
     rgb_color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
     channel_mean: list[float] | None = None
     channel_std: list[float] | None = None
+    gpu_augmentations: bool = False
 
     @property
     def num_masked_local_crops(self) -> int:

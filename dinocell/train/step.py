@@ -87,6 +87,7 @@ class TrainStep:
         k = len(micro_batches)
         losses, terms, updates = [], [], []
         for i, batch in enumerate(micro_batches):
+            batch = batch.finish_crops()  # crops.gpu_augmentations: the crops' pending work, on the device
             with self._gradient_sync(last=i == k - 1):
                 with self.autocast():
                     out = self.forward(batch, **inputs)
