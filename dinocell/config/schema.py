@@ -203,6 +203,8 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 10
     early_stopping_patience: int = 0
     early_stopping_min_delta: float = 0.0
+    compile: bool = False
+    activation_checkpointing: bool = False
 
     def problems(self) -> Problems:
         yield from _positive(
@@ -427,6 +429,10 @@ class SSLConfig:
                     f"({crops.global_crops_size} px)"
             if patch > 0 and crops.local_crops_size % patch:
                 yield "crops.local_crops_size", f"is not a multiple of student.patch_size={patch}"
+        for switch in ("compile", "activation_checkpointing"):
+            if getattr(self.train, switch) and not self.student.is_vit:
+                yield f"train.{switch}", f"works on ViT blocks; student.arch={self.student.arch} has none (set it to " \
+                    "false)"
         yield from self._validation_problems()
 
     def _validation_problems(self) -> Problems:
