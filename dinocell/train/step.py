@@ -112,6 +112,7 @@ class TrainStep:
         if self.skips_on_device:
             self.optimizer.found_inf = (~finite).float()  # read by the fused kernel: 1 = skip this step
             self.optimizer.step()
+            del self.optimizer.found_inf  # as GradScaler does: never left for a later step() to read
             self.model.after_step(values, summed, finite)
         elif finite:  # a host read: free on a CPU
             self.optimizer.step()
