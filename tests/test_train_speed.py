@@ -17,6 +17,7 @@ from dinocell.data.datasets.synthetic import SyntheticCellPainting
 from dinocell.models.vision_transformer import DinoVisionTransformer
 from dinocell.pipeline.loaders import build_ssl_loader_from_config
 from dinocell.pipeline.prefetch import DataWaitWatch, DevicePrefetcher
+from dinocell.train import train as train_module
 from dinocell.train.meta_arch import SSLMetaArch
 from dinocell.train.methods import build_method
 from dinocell.train.nonfinite import NonFiniteLossError, NonFiniteSteps
@@ -231,13 +232,16 @@ def test_prefetcher_hands_out_the_loader_batches_on_the_device():
 
 
 def test_bottleneck_warning_once_after_the_first_window_naming_the_knobs(caplog):
-    jump = DataWaitWatch(8, "JUMPS3MultiView:bucket=b:crops_per_field=4", suggest_gpu_augmentations=True)
-    synthetic = DataWaitWatch(2, "SyntheticCellPainting", suggest_gpu_augmentations=False)
+    jump = DataWaitWatch(8, "JUMPS3MultiView:bucket=b:crops_per_field=4", judge=True, suggest_gpu_augmentations=True)
+    synthetic = DataWaitWatch(2, "SyntheticCellPainting", judge=True, suggest_gpu_augmentations=False)
+    on_cpu = DataWaitWatch(2, "SyntheticCellPainting", judge=False, suggest_gpu_augmentations=False)
     with caplog.at_level(logging.WARNING, logger="dinocell"):
         for share in (0.9, 0.05, 0.3, 0.5):  # the first window (start-up) is never judged
             jump.check(share)
         synthetic.check(0.02)
         synthetic.check(0.04)
+        for share in (0.9, 0.9, 0.9):
+            on_cpu.check(share)  # the workers and the step share the cores: nothing to judge
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
     assert "waited for data 30% of the last logging window" in message
@@ -249,8 +253,16 @@ def test_bottleneck_warning_once_after_the_first_window_naming_the_knobs(caplog)
     assert "train.num_workers=2" in message and "crops_per_field" not in message and "gpu_augmentations" not in message
 
 
+class _JudgedWatch(DataWaitWatch):
+    """The watch as a CUDA run has it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{**kwargs, "judge": True})
+
+
 @pytest.mark.slow
 def test_the_trainer_reports_the_data_wait_share_and_says_when_the_loader_is_slow(tmp_path, monkeypatch):
+    """The metric on every line; the warning wired to it (judged as on CUDA here: a CPU run only reports the share)."""
     real = SyntheticCellPainting.__getitem__
 
     def slow(self, index):
@@ -258,11 +270,15 @@ def test_the_trainer_reports_the_data_wait_share_and_says_when_the_loader_is_slo
         return real(self, index)
 
     monkeypatch.setattr(SyntheticCellPainting, "__getitem__", slow)
-    out = tmp_path / "run"
-    train(load_config(overrides=[*TINY, f"train.output_dir={out}"]))
-    records = _metrics(out)
-    for r in records:
-        assert r["data_wait_share"] == pytest.approx(r["data_time"] / r["iter_time"], rel=1e-9)
-    assert all(r["data_wait_share"] > 0.3 for r in records[1:])
-    log = (out / "logs" / "log.txt").read_text()
-    assert log.count("the data loader is the bottleneck") == 1 and "train.num_workers=0" in log
+    for judge in (False, True):
+        if judge:
+            monkeypatch.setattr(train_module, "DataWaitWatch", _JudgedWatch)
+        out = tmp_path / f"judge_{judge}"
+        train(load_config(overrides=[*TINY, f"train.output_dir={out}"]))
+        records = _metrics(out)
+        for r in records:
+            assert r["data_wait_share"] == pytest.approx(r["data_time"] / r["iter_time"], rel=1e-9)
+        assert all(r["data_wait_share"] > 0.3 for r in records[1:])
+        log = (out / "logs" / "log.txt").read_text()
+        assert log.count("the data loader is the bottleneck") == int(judge)
+    assert "train.num_workers=0" in log

@@ -8,7 +8,7 @@ memory is marked as used by the step's stream, so the caching allocator does not
 loader's iterator followed by `.to(device)` (nothing to copy on a CPU).
 
 `DataWaitWatch` reads the share of each logging window the loop spent waiting for the loader (metric
-`data_wait_share`) and, once per run, logs which knob helps when that share is high.
+`data_wait_share`) and, once per CUDA run, logs which knob helps when that share is high.
 """
 
 from __future__ import annotations
@@ -56,19 +56,23 @@ def _used_by(tensor: torch.Tensor, stream: torch.cuda.Stream) -> torch.Tensor:
 
 class DataWaitWatch:
     """`check(share)` after each metrics line: the first window that waited for data more than DATA_BOUND_SHARE (the
-    first window, which holds worker start-up and compilation, excepted) gets one warning naming the knobs."""
+    first window, which holds worker start-up and compilation, excepted) gets one warning naming the knobs.
 
-    def __init__(self, num_workers: int, dataset_path: str, *, suggest_gpu_augmentations: bool) -> None:
+    Only where an accelerator trains (`judge`): on a CPU the loader workers and the step share the same cores, so
+    waiting for data says nothing about which one to feed, and more workers would slow the step."""
+
+    def __init__(self, num_workers: int, dataset_path: str, *, judge: bool, suggest_gpu_augmentations: bool) -> None:
         """`suggest_gpu_augmentations`: name crops.gpu_augmentations too (a CUDA run with the switch off)."""
         self.num_workers = num_workers
         self.dataset_path = dataset_path
+        self.judge = judge
         self.suggest_gpu_augmentations = suggest_gpu_augmentations
         self.windows = 0
         self.warned = False
 
     def check(self, share: float) -> None:
         self.windows += 1
-        if self.warned or self.windows == 1 or share <= DATA_BOUND_SHARE:
+        if not self.judge or self.warned or self.windows == 1 or share <= DATA_BOUND_SHARE:
             return
         self.warned = True
         advice = [f"more loader workers (train.num_workers={self.num_workers} per process; this machine has "

@@ -153,8 +153,8 @@ def train(cfg: SSLConfig, *, resume: bool = True) -> dict[str, Any]:
         cfg, dataset, rank=dist_info.rank, world_size=dist_info.world_size, start_iter=state.iteration,
         pin_memory=device.type == "cuda",
     )), device)
-    data_wait = DataWaitWatch(cfg.train.num_workers, cfg.train.dataset_path,
-                              suggest_gpu_augmentations=device.type == "cuda" and not cfg.crops.gpu_augmentations)
+    data_wait = DataWaitWatch(cfg.train.num_workers, cfg.train.dataset_path, judge=device.type == "cuda",
+                              suggest_gpu_augmentations=not cfg.crops.gpu_augmentations)
     state.seed_loop_rng(dist_info.rank, dist_info.world_size, cfg.train.seed)
     model.train()
     nonfinite = NonFiniteSteps(cfg.train.max_consecutive_nonfinite, count=state.nonfinite_count,
