@@ -10,10 +10,12 @@ per ViT forward on n tokens:
 Training FLOPs = 3 x (student forward) + teacher forward (global crops only). Norms, softmax and the optimiser are
 not counted (small). MFU = achieved FLOP/s / peak FLOP/s when --peak-tflops is given (e.g. 989 for H100 bf16 dense).
 
-Speed switches: --compile compiles the student's and the teacher's backbone blocks (torch.compile, one graph per
-block mode), --activation-checkpointing recomputes the student's blocks in backward (less memory). --profile N runs
-N more steps under torch.profiler and prints the top ops by self device time (CPU time on CPU) and the number of
-kernel launches per step.
+Speed switches, applied through the config as the trainer applies them (dinocell.train.methods.build_method):
+--compile = train.compile=true (torch.compile of the student's and the teacher's blocks, one graph per block mode),
+--activation-checkpointing = train.activation_checkpointing=true (the student's blocks recomputed in backward: less
+memory). The optimiser is the trainer's: fused AdamW on CUDA (skipping non-finite steps on the device), torch's
+default on CPU. --profile N runs N more steps under torch.profiler and prints the top ops by self device time (CPU
+time on CPU) and the number of kernel launches per step.
 
 Examples (docs/benchmarks.md):
     .venv/bin/python scripts/bench_train.py --arch vit_small --patch-sizes 16 8 --batch-size 2 --iters 3
@@ -31,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from dinocell.config import load_config
 from dinocell.pipeline.batch import SSLBatch
-from dinocell.train.meta_arch import SSLMetaArch
+from dinocell.train.methods import build_method
 from dinocell.train.optim import build_optimizer, param_groups
 from dinocell.train.step import TrainStep
 
@@ -82,16 +84,15 @@ def random_batch(cfg, batch: int, device: torch.device) -> SSLBatch:
 
 def bench(args: argparse.Namespace, patch_size: int) -> dict[str, float]:
     device = torch.device(args.device)
+    switches = [f"train.compile={str(args.compile).lower()}",
+                f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}"]
     cfg = load_config(args.config_file, [f"student.arch={args.arch}", f"student.patch_size={patch_size}",
-                                         *args.overrides])
+                                         *switches, *args.overrides])
     torch.manual_seed(0)
-    model = SSLMetaArch(cfg).to(device).train()
-    model.student.backbone.activation_checkpointing = args.activation_checkpointing
-    if args.compile:
-        model.student.backbone.compile_blocks()
-        model.teacher.backbone.compile_blocks()
+    model = build_method(cfg).to(device).train()
     optimizer = build_optimizer(param_groups(model.student, n_blocks=model.student.backbone.n_blocks,
-                                             layerwise_decay=0.9, patch_embed_lr_mult=0.2), cfg.optim)
+                                             layerwise_decay=0.9, patch_embed_lr_mult=0.2), cfg.optim,
+                                fused=device.type == "cuda")
     train_step = TrainStep(model, optimizer, device=device, clip_grad=3.0, autocast_dtype="bf16")
     values = {"lr": 1e-4, "last_layer_lr": 1e-4, "weight_decay": 0.04, "teacher_temp": 0.07, "momentum": 0.992}
     batch = random_batch(cfg, args.batch_size, device)

@@ -9,6 +9,18 @@
   gpu_augmentations batched photometric ops on the device == the CPU reference transform, crop by crop
   sdpa_backends     fwd+bwd time of each SDPA backend (cuDNN, flash, efficient, math) on the ViT-S/8 global-crop
                     shape, and which one the default dispatch picks (the evidence that replaced the xFormers path)
+  bf16_dtypes       under bf16 autocast the teacher, the backbones and both heads run in bf16 (the heads' last layers
+                    take and give bf16: no fp32 round trip at the L2 normalisation), the loss terms are fp32
+  sync_free_step    the trainer's step (TrainStep, fused AdamW) and the device copy of the next batch queue their work
+                    without one host synchronisation (torch.cuda.set_sync_debug_mode("error")): DINO with device
+                    augmentations, DINO with EMA centering, SimCLR
+  fused_skip        a non-finite step with the trainer's fused AdamW leaves parameters, moments, step counts, teacher
+                    and centers bit for bit as they were (found_inf, decided on the device); the next step moves them
+  device_pipeline   crops.gpu_augmentations through loader + collate + finish_crops on the device == the CPU path
+                    (JUMP recipe views, normalisation; noise in distribution), and the device time per batch
+  trainer_switches  `train()` on the device with train.compile, train.activation_checkpointing and
+                    crops.gpu_augmentations each against the default run: the same losses within bf16 rounding, and
+                    the compiled run's graphs stop growing after the first iterations
 
 Prints one line per check (PASS/FAIL and the numbers) and a summary; exit status 1 if any check failed.
 `--device cpu --tiny` runs the same code on tiny shapes on a CPU (a smoke test of this script).
@@ -190,7 +202,8 @@ def check_fused_adamw(device: torch.device, s: dict) -> None:
 
 def check_gpu_augmentations(device: torch.device, tiny: bool) -> None:
     from dinocell.config import load_config
-    from dinocell.pipeline.gpu_augmentations import PhotometricBatch, apply_photometric, draw_photometric
+    from dinocell.pipeline.gpu_augmentations import PhotometricBatch, apply_photometric
+    from dinocell.pipeline.photometric import draw_photometric
     from dinocell.pipeline.samplers import SeedStream, derive_seed
     from dinocell.pipeline.transforms import MultiCropTransform
 
@@ -269,11 +282,223 @@ def check_sdpa_backends(device: torch.device, s: dict) -> None:
     record("sdpa_backends", True, f"fwd+bwd [128, 6, {tokens}, 64] bf16: " + "; ".join(lines))
 
 
+# a tiny DINO run of the trainer (tests/test_train_speed.py's): the trainer-level checks are about wiring, not size
+TINY_RUN = [
+    "student.arch=vit_test", "student.patch_size=8", "student.n_storage_tokens=1", "student.in_chans=5",
+    "student.drop_path_rate=0.1", "student.layerscale=0.1", "crops.global_crops_size=32", "crops.local_crops_size=16",
+    "crops.local_crops_number=2", "dino.head_n_prototypes=64", "ibot.head_n_prototypes=64",
+    "dino.head_hidden_dim=32", "ibot.head_hidden_dim=32", "dino.head_bottleneck_dim=16", "ibot.head_bottleneck_dim=16",
+    "train.dataset_path=SyntheticCellPainting:size=64:image_size=64", "train.batch_size_per_gpu=8",
+    "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=6", "optim.epochs=1", "optim.warmup_epochs=0",
+    "teacher.warmup_teacher_temp_epochs=0", "train.log_every=3", "checkpointing.period=6",
+    "evaluation.eval_period_iterations=0",
+]
+STEP_VALUES = {"lr": 1e-3, "last_layer_lr": 1e-3, "weight_decay": 0.04, "teacher_temp": 0.07, "momentum": 0.9}
+
+
+def trainer_parts(device: torch.device, overrides: list[str]):
+    """(model, optimizer, TrainStep, loader iterator) as the trainer builds them on `device` (fused AdamW on CUDA)."""
+    from dinocell.config import load_config
+    from dinocell.data import make_dataset
+    from dinocell.pipeline.loaders import build_ssl_loader_from_config
+    from dinocell.train.methods import build_method
+    from dinocell.train.optim import build_optimizer, param_groups
+    from dinocell.train.step import TrainStep
+
+    cfg = load_config(overrides=[*TINY_RUN, *overrides])
+    torch.manual_seed(0)
+    model = build_method(cfg).to(device).train()
+    groups = param_groups(model.student, n_blocks=model.student.backbone.n_blocks, layerwise_decay=0.9,
+                          patch_embed_lr_mult=0.2)
+    optimizer = build_optimizer(groups, cfg.optim, fused=device.type == "cuda")
+    step = TrainStep(model, optimizer, device=device, clip_grad=3.0, autocast_dtype="bf16")
+    loader = build_ssl_loader_from_config(cfg, make_dataset(cfg.train.dataset_path), rank=0, world_size=1,
+                                          start_iter=0, pin_memory=device.type == "cuda")
+    return model, optimizer, step, iter(loader)
+
+
+def check_bf16_dtypes(device: torch.device) -> None:
+    from dinocell.pipeline.prefetch import DevicePrefetcher
+
+    model, _, _, batches = trainer_parts(device, [])
+    seen: dict[str, tuple[torch.dtype, torch.dtype]] = {}
+    for role in ("student", "teacher"):
+        for name in ("dino_head", "ibot_head"):
+            getattr(getattr(model, role), name).last_layer.register_forward_hook(
+                lambda m, args, out, key=f"{role}.{name}": seen.__setitem__(key, (args[0].dtype, out.dtype)))
+    batch = next(DevicePrefetcher(batches, device)).finish_crops()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = model(batch, teacher_temp=0.07)
+    bf16 = {k: v for k, v in seen.items() if v != (torch.bfloat16, torch.bfloat16)}
+    terms = {k: v.dtype for k, v in out.terms.items() if v.dtype != torch.float32}
+    ok = not bf16 and not terms and out.loss.dtype == torch.float32 and len(seen) == 4
+    record("bf16_dtypes", ok or device.type != "cuda",
+           f"heads' last layers not bf16 in/out: {bf16 or 'none'} (of {len(seen)}); non-fp32 loss terms: "
+           f"{terms or 'none'}"
+           + ("" if device.type == "cuda" else " (CPU autocast has other op lists: informative only)"))
+
+
+def check_sync_free_step(device: torch.device) -> None:
+    from dinocell.pipeline.prefetch import DevicePrefetcher
+
+    if device.type != "cuda":
+        record("sync_free_step", True, "skipped: CUDA only (tests/test_train_speed.py counts host reads on CPU)")
+        return
+    variants = {"dino + device augmentations": ["crops.gpu_augmentations=true", "crops.noise_probability.local=0.5"],
+                "dino + EMA centering": ["train.centering=centering"],
+                "simclr": ["method=simclr", "crops.local_crops_number=0", "simclr.head_hidden_dim=32"]}
+    failures = []
+    for name, overrides in variants.items():
+        _, _, step, batches = trainer_parts(device, overrides)
+        prefetcher = DevicePrefetcher(batches, device)
+        step([next(prefetcher)], STEP_VALUES)  # optimiser state, RoPE tables, cuDNN plans
+        host = next(batches)  # the loader's own work (workers, pinning) is not the step's
+        torch.cuda.synchronize()
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            step([next(DevicePrefetcher(iter([host]), device))], STEP_VALUES)
+        except RuntimeError as err:
+            failures.append(f"{name}: {str(err).splitlines()[0][:120]}")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    record("sync_free_step", not failures,
+           f"{len(variants)} variants, one step each under set_sync_debug_mode('error'): "
+           + ("; ".join(failures) if failures else "no synchronisation"))
+
+
+def check_fused_skip(device: torch.device) -> None:
+    from dinocell.pipeline.prefetch import DevicePrefetcher
+    from dinocell.train.meta_arch import SSLMetaArch
+
+    model, optimizer, step, batches = trainer_parts(device, ["train.centering=centering"])
+    batch = next(DevicePrefetcher(batches, device))
+
+    def state() -> dict[str, torch.Tensor]:
+        flat = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+        for i, per_param in enumerate(optimizer.state.values()):
+            flat |= {f"optim.{i}.{k}": v.clone() for k, v in per_param.items()}
+        return flat
+
+    step([batch], STEP_VALUES)
+    before = state()
+    real_forward = SSLMetaArch.forward
+
+    def poisoned(self, b, teacher_temp):
+        out = real_forward(self, b, teacher_temp)
+        return out._replace(loss=out.loss * float("nan"))
+
+    SSLMetaArch.forward = poisoned
+    try:
+        skipped = step([batch], STEP_VALUES)
+    finally:
+        SSLMetaArch.forward = real_forward
+    after = state()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    moved = step([batch], STEP_VALUES)
+    later = state()
+    moved_keys = {k.split(".")[1] for k in before if not torch.equal(after[k], later[k])}
+    ok = (step.skips_on_device == (device.type == "cuda") and not bool(skipped.finite) and not changed
+          and bool(moved.finite) and {"student", "teacher", "dino_center", "0"} <= moved_keys)
+    record("fused_skip", ok, f"fused {step.skips_on_device}; after the NaN step {len(changed)} of {len(before)} "
+           f"tensors changed {changed[:3]}; the next step moved {sorted(moved_keys)[:6]}")
+
+
+def check_device_pipeline(device: torch.device, tiny: bool) -> None:
+    import itertools
+
+    from dinocell.config import load_config
+    from dinocell.data import make_dataset
+    from dinocell.pipeline.loaders import build_ssl_loader_from_config
+    from dinocell.pipeline.prefetch import DevicePrefetcher
+
+    recipe = ["student.in_chans=1", "student.patch_size=8", "crops.rotate90=true",
+              "crops.channel_views={global1: mean, global2: single, local: single}",
+              "crops.noise_probability={global1: 0.0, global2: 0.3, local: 0.3}", "crops.noise_std=[0.02,0.05]",
+              "train.num_workers=0",
+              "crops.channel_mean=[0.3,0.3,0.3,0.3,0.3]", "crops.channel_std=[0.2,0.2,0.2,0.2,0.2]"]
+    shape = (["crops.global_crops_size=32", "crops.local_crops_size=16", "train.batch_size_per_gpu=4"] if tiny else
+             ["crops.global_crops_size=224", "crops.local_crops_size=96", "train.batch_size_per_gpu=64"])
+    dataset = make_dataset(f"SyntheticCellPainting:size=256:image_size={64 if tiny else 256}")
+    batches = {}
+    for path in ("cpu", "device"):
+        cfg = load_config(overrides=[*recipe, *shape, f"crops.gpu_augmentations={str(path == 'device').lower()}"])
+        loader = build_ssl_loader_from_config(cfg, dataset, rank=0, world_size=1, start_iter=0)
+        batches[path] = list(itertools.islice(iter(loader), 2))
+    worst, ratios = 0.0, []
+    for cpu, pending in zip(batches["cpu"], batches["device"]):
+        finished = next(DevicePrefetcher(iter([pending]), device)).finish_crops()
+        for key in ("global_crops", "local_crops"):
+            ops = getattr(pending.device_augmentation, key).photometric
+            got, ref = getattr(finished, key).cpu(), getattr(cpu, key)
+            noisy = ops.noise
+            worst = max(worst, (got[~noisy] - ref[~noisy]).abs().max().item())
+            if noisy.any():  # in normalised units: (noise - reference noise) / std has std sqrt(2) x drawn std / 0.2
+                residual = (got[noisy] - ref[noisy]).flatten(1).std(dim=1)
+                ratios += (residual * 0.2 / (2**0.5 * ops.noise_std[noisy])).tolist()
+    on_device = batches["device"][0].to(device)
+    seconds = timed(lambda: on_device.finish_crops(), device)
+    ok = worst <= 1e-4 and all(abs(r - 1) < 0.15 for r in ratios)
+    record("device_pipeline", ok, f"batch of {batches['device'][0].batch_size} (JUMP views): max abs diff without "
+           f"noise {worst:.2e} (<= 1e-4), noise std ratio in [{min(ratios, default=1):.3f}, "
+           f"{max(ratios, default=1):.3f}] (within 15 %); finish_crops {seconds * 1e3:.2f} ms per batch on {device}")
+
+
+def check_trainer_switches(device: torch.device) -> None:
+    """train() end to end on the device; on CPU the compiled run uses dynamo without code generation (aot_eager),
+    which keeps the --tiny smoke test quick (inductor's CPU path is tests/test_backbone_speed.py's)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from dinocell.config import load_config
+    from dinocell.logging import MetricsLogger
+    from dinocell.models.vision_transformer import DinoVisionTransformer
+    from dinocell.train.train import train
+
+    real_compile_blocks, real_log = DinoVisionTransformer.compile_blocks, MetricsLogger.log
+    if device.type != "cuda":
+        DinoVisionTransformer.compile_blocks = lambda self, **kw: real_compile_blocks(self, backend="aot_eager", **kw)
+    graph_counts: list[int] = []  # dynamo's graphs so far at each metrics line (iterations 3 and 6)
+
+    def log(self, record: dict) -> None:
+        graph_counts.append(int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
+        real_log(self, record)
+
+    MetricsLogger.log = log
+    torch._dynamo.reset()
+    losses, lines = {}, []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, extra in {"eager": [], "compile": ["train.compile=true"],
+                                "checkpointing": ["train.activation_checkpointing=true"],
+                                "gpu_augmentations": ["crops.gpu_augmentations=true"]}.items():
+                out = Path(tmp) / name
+                graph_counts.clear()
+                start = time.perf_counter()
+                train(load_config(overrides=[*TINY_RUN, f"train.output_dir={out}", *extra]))
+                records = [json.loads(line) for line in (out / "training_metrics.json").read_text().splitlines()]
+                losses[name] = torch.tensor([r["total_loss"] for r in records], dtype=torch.float64)
+                lines.append(f"{name} {time.perf_counter() - start:.0f} s")
+                if name == "compile":
+                    steady = graph_counts[0] > 0 and graph_counts[-1] == graph_counts[0]
+                    lines[-1] += f", graphs at iterations 3 and 6: {graph_counts}"
+    finally:
+        DinoVisionTransformer.compile_blocks, MetricsLogger.log = real_compile_blocks, real_log
+        torch._dynamo.reset()
+    errors = {name: ((loss - losses["eager"]).abs() / losses["eager"].abs()).max().item()
+              for name, loss in losses.items() if name != "eager"}
+    ok = steady and all(e <= 2e-2 for e in errors.values()) and all(torch.isfinite(v).all() for v in losses.values())
+    record("trainer_switches", ok, "loss rel diff vs eager over 6 iterations: "
+           + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) + " (<= 2e-2, bf16); " + "; ".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny model and crops (a CPU smoke test of the script)")
+    parser.add_argument("--only", nargs="+", metavar="CHECK", help="run only these checks (names as listed above)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 comparisons in true fp32
@@ -289,8 +514,18 @@ def main(argv: list[str] | None = None) -> int:
         ("fused_adamw", lambda: check_fused_adamw(device, s)),
         ("gpu_augmentations", lambda: check_gpu_augmentations(device, args.tiny)),
         ("sdpa_backends", lambda: check_sdpa_backends(device, s)),
+        ("bf16_dtypes", lambda: check_bf16_dtypes(device)),
+        ("sync_free_step", lambda: check_sync_free_step(device)),
+        ("fused_skip", lambda: check_fused_skip(device)),
+        ("device_pipeline", lambda: check_device_pipeline(device, args.tiny)),
+        ("trainer_switches", lambda: check_trainer_switches(device)),
     ]
+    unknown = set(args.only or ()) - {name for name, _ in checks}
+    if unknown:
+        parser.error(f"unknown check(s) {sorted(unknown)}; choose from {', '.join(name for name, _ in checks)}")
     for check_name, check in checks:
+        if args.only and check_name not in args.only:
+            continue
         start = time.perf_counter()
         try:
             check()

@@ -40,8 +40,10 @@ def test_collate_stacks_crop_major_with_mask_indices_and_weights():
     assert batch.mask_indices.tolist() == [0, 1, 2, 3 * 4 + 1]
     torch.testing.assert_close(batch.mask_weights, torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0]))
     assert {f.name for f in dataclasses.fields(batch)} == {
-        "global_crops", "local_crops", "masks", "mask_indices", "mask_weights", "n_global_crops", "n_local_crops"
-    }  # exactly what the meta-arch reads
+        "global_crops", "local_crops", "masks", "mask_indices", "mask_weights", "n_global_crops", "n_local_crops",
+        "device_augmentation",
+    }  # exactly what the meta-arch reads, and the crops' pending work (crops.gpu_augmentations), done before it reads
+    assert batch.device_augmentation is None and batch.finish_crops() is batch
 
 
 def test_collate_without_local_crops_gives_an_empty_tensor_of_the_right_shape():

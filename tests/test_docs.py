@@ -127,4 +127,4 @@ def test_the_metrics_one_liner_runs_on_the_demo_output(demo_dir):
         argv = shlex.split(command)
         shown = subprocess.run([sys.executable, *argv[1:]], cwd=demo_dir, capture_output=True, text=True, timeout=60)
         assert shown.returncode == 0, shown.stderr
-        assert shown.stdout.split()[0] == "iteration" and "[2 rows x 17 columns]" in shown.stdout
+        assert shown.stdout.split()[0] == "iteration" and "[2 rows x 18 columns]" in shown.stdout

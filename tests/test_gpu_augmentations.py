@@ -1,13 +1,19 @@
 """Batched (device) photometric augmentations against the CPU reference transform, crop by crop: the same draws from
-the same seeded stream, the same pixels (noise: the same distribution), every switch visibly on or off."""
+the same seeded stream, the same pixels (noise: the same distribution), every switch visibly on or off; and
+crops.gpu_augmentations through the whole pipeline (loader, collate, SSLBatch.finish_crops) against the CPU path."""
 
+import itertools
 import random
 
 import pytest
 import torch
 
 from dinocell.config import CROP_GROUPS, load_config
-from dinocell.pipeline.gpu_augmentations import PhotometricBatch, apply_photometric, draw_photometric
+from dinocell.data.dataset import SampleDataset
+from dinocell.pipeline import photometric, transforms
+from dinocell.pipeline.gpu_augmentations import PhotometricBatch, apply_photometric
+from dinocell.pipeline.loaders import build_ssl_loader_from_config
+from dinocell.pipeline.photometric import draw_photometric
 from dinocell.pipeline.samplers import SeedStream, derive_seed
 from dinocell.pipeline.transforms import MultiCropTransform
 
@@ -105,3 +111,104 @@ def test_cuda_equals_the_cpu_reference() -> None:
     crops = torch.rand(24, 5, 32, 32, generator=torch.Generator().manual_seed(4))
     expected, out, _ = _both_paths(settings, "local", crops, device="cuda")
     assert (out - expected).abs().max() <= 1e-5
+
+
+class _Fields(SampleDataset):
+    """Random fields in [0, 1] with a sample mask (the left 60 % of the field) for masked local crops."""
+
+    def __init__(self, channels: int, n: int = 8, size: int = 48) -> None:
+        g = torch.Generator().manual_seed(channels)
+        self.images = torch.rand(n, channels, size, size, generator=g)
+        self.mask = torch.zeros(1, size, size, dtype=torch.bool)
+        self.mask[..., : int(0.6 * size)] = True
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index], "label": 0, "id": str(index), "mask": self.mask}
+
+
+PIPELINES = {  # (dataset channels, model channels, overrides): every op, channel view, mask and normalisation
+    "5ch views, normalised": (5, 5, [
+        "crops.channel_views={global1: all, global2: mean, local: single}",
+        "crops.channel_mean=[0.1,0.2,0.3,0.4,0.5]", "crops.channel_std=[0.5,1.0,1.5,2.0,2.5]",
+        "crops.solarization_probability={global1: 0.5, global2: 0.5, local: 0.5}"]),
+    "1 channel views into 5": (5, 5, ["crops.channel_views={global1: mean, global2: single, local: single}",
+                                      "crops.blur_probability={global1: 0.5, global2: 0.5, local: 0.5}"]),
+    "masked local crops": (2, 2, ["crops.local_masked_crops_fraction=0.5", "crops.channel_mean=[0.5,0.5]",
+                                  "crops.channel_std=[0.2,0.3]"]),
+    "rgb colour": (3, 3, ["crops.rgb_color_aug=true", "crops.rgb_color_jitter=[0.8,0.8,0.8,0.2]"]),
+    "noise, mixed views": (5, 5, ["crops.channel_views={global1: all, global2: mean, local: all}",
+                                  "crops.noise_probability={global1: 0.5, global2: 0.5, local: 0.5}",
+                                  "crops.noise_std=[0.05,0.1]"]),
+    "photometric off": (5, 1, ["crops.photometric_aug=false", "crops.channel_mean=[0.1,0.2,0.3,0.4,0.5]",
+                               "crops.channel_std=[1,2,3,4,5]"]),
+}  # fmt: skip
+
+
+def _loader_batches(channels: int, in_chans: int, overrides: list[str], device_path: bool) -> list:
+    cfg = load_config(overrides=[
+        "student.arch=vit_test", "student.patch_size=8", f"student.in_chans={in_chans}", "crops.global_crops_size=32",
+        "crops.local_crops_size=16", "crops.local_crops_number=4", "train.batch_size_per_gpu=4", "train.num_workers=0",
+        "crops.rotate90=true", "crops.intensity_aug_probability=0.5", *overrides,
+        f"crops.gpu_augmentations={str(device_path).lower()}",
+    ])  # fmt: skip
+    loader = build_ssl_loader_from_config(cfg, _Fields(channels), rank=0, world_size=1, start_iter=0)
+    return list(itertools.islice(iter(loader), 2))
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_device_path_gives_the_cpu_crops_through_the_whole_pipeline(pipeline: str) -> None:
+    """Loader -> collate -> SSLBatch.finish_crops (on the CPU here; the step runs it on its device) against the CPU
+    path, crop by crop: the same crops to float rounding, except that noisy crops differ by noise of the drawn std."""
+    channels, in_chans, overrides = PIPELINES[pipeline]
+    for cpu, device in zip(*(_loader_batches(channels, in_chans, overrides, path) for path in (False, True))):
+        assert cpu.device_augmentation is None and device.device_augmentation is not None
+        finished = device.finish_crops()
+        assert finished.device_augmentation is None
+        assert torch.equal(finished.masks, cpu.masks) and torch.equal(finished.mask_indices, cpu.mask_indices)
+        for key in ("global_crops", "local_crops"):
+            pending = getattr(device.device_augmentation, key)
+            got, ref = getattr(finished, key), getattr(cpu, key)
+            assert got.shape == ref.shape and got.dtype == ref.dtype
+            noisy = torch.zeros(len(got), dtype=torch.bool)
+            if pending.photometric is not None:
+                noisy = pending.photometric.noise
+            assert (got[~noisy] - ref[~noisy]).abs().max() <= 1e-5, key
+            if noisy.any():  # residual = device noise - reference noise: zero mean, std sqrt(2) x the drawn std
+                stds = pending.photometric.noise_std[noisy]
+                residual = (got[noisy] - ref[noisy]).flatten(1)
+                ratio = residual.std(dim=1) / (2**0.5 * stds)
+                assert ((ratio - 1).abs() < 0.15).all(), ratio
+                assert (residual.mean(dim=1).abs() < 4 * 2**0.5 * stds / residual.shape[1] ** 0.5).all()
+                shared = pending.photometric.noise_shared[noisy]  # replicated 1-channel crops: the same noise
+                assert all(torch.equal(c[0], c[-1]) for c in got[noisy][shared])
+    if pipeline == "masked local crops":  # the test saw masked crops being masked
+        assert device.device_augmentation.local_crops.keep is not None
+        assert (device.device_augmentation.local_crops.keep == 0).any()
+
+
+def test_one_channel_views_travel_as_one_channel_and_are_replicated_on_the_device() -> None:
+    batch = _loader_batches(5, 5, PIPELINES["1 channel views into 5"][2], device_path=True)[0]
+    assert batch.global_crops.shape[1] == 1 and batch.local_crops.shape[1] == 1  # 5x fewer bytes to pin and copy
+    finished = batch.finish_crops()
+    assert finished.global_crops.shape[1] == 5 and torch.equal(finished.global_crops[:, 0], finished.global_crops[:, 4])
+    moved = batch.to(torch.device("meta")).device_augmentation  # moving (and pinning) maps every nested tensor
+    assert moved.local_crops.photometric.sigma.is_meta and moved.global_crops.mean is None
+
+
+def test_the_photometric_draw_lives_in_one_place(monkeypatch) -> None:
+    """Both paths draw through dinocell.pipeline.photometric.draw_photometric, in the same order."""
+    calls = []
+    real = photometric.draw_photometric
+
+    def counting(*args):
+        calls.append(args[1])  # the crop group
+        return real(*args)
+
+    monkeypatch.setattr(transforms, "draw_photometric", counting)
+    for device_path in (False, True):
+        _loader_batches(5, 5, [], device_path)
+    half = len(calls) // 2
+    assert half == 2 * 4 * (2 + 4) and calls[:half] == calls[half:]  # 2 batches x 4 images x 6 crops, per path

@@ -206,6 +206,8 @@ class TrainConfig:
     early_stopping_min_delta: float = 0.0
     parallelism: str = "ddp"
     dist_timeout_min: float = 30.0
+    compile: bool = False
+    activation_checkpointing: bool = False
 
     def problems(self) -> Problems:
         yield from _positive(
@@ -307,6 +309,7 @@ class CropsConfig:
     rgb_color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
     channel_mean: list[float] | None = None
     channel_std: list[float] | None = None
+    gpu_augmentations: bool = False
 
     @property
     def num_masked_local_crops(self) -> int:
@@ -453,6 +456,10 @@ class SSLConfig:
                     f"({crops.global_crops_size} px)"
             if patch > 0 and crops.local_crops_size % patch:
                 yield "crops.local_crops_size", f"is not a multiple of student.patch_size={patch}"
+        for switch in ("compile", "activation_checkpointing"):
+            if getattr(self.train, switch) and not self.student.is_vit:
+                yield f"train.{switch}", f"works on ViT blocks; student.arch={self.student.arch} has none (set it to " \
+                    "false)"
         yield from self._validation_problems()
 
     def _validation_problems(self) -> Problems:

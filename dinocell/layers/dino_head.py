@@ -7,7 +7,6 @@ As in DINOv3 the last layer has no weight normalisation; the trainer freezes it 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -46,6 +45,8 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mlp(x)
-        # fp16 cannot represent 1e-12; the eps only guards an all-zero bottleneck vector
-        x = F.normalize(x, p=2, dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
-        return self.last_layer(x)
+        # F.normalize's arithmetic (x / max(||x||, eps)), but the norm, which autocast computes in fp32, is cast to x's
+        # dtype first: dividing by an fp32 norm would promote the whole bf16 bottleneck to fp32 and back for the last
+        # layer. In fp32 this is exactly F.normalize. fp16 cannot represent 1e-12; the eps only guards a zero vector.
+        eps = 1e-6 if x.dtype == torch.float16 else 1e-12
+        return self.last_layer(x / x.norm(p=2, dim=-1, keepdim=True).clamp_min(eps).to(x.dtype))

@@ -42,7 +42,8 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iterations: int 
         raise ValueError(f"n_iterations must be >= 1, got {n_iterations}; DINOv3 uses 3")
     q = torch.exp(teacher_logits.float() / temp).t()  # [K, N]: rows = prototypes, columns = samples
     n_prototypes = q.shape[0]
-    n_samples = _all_reduce_sum(torch.tensor(float(q.shape[1]), device=q.device))
+    # torch.full, not torch.tensor: filling on the device is one kernel; copying a host value would wait for the GPU
+    n_samples = _all_reduce_sum(torch.full((), float(q.shape[1]), device=q.device))
     q /= _all_reduce_sum(q.sum())
     for _ in range(n_iterations):
         q /= _all_reduce_sum(q.sum(dim=1, keepdim=True))
@@ -65,7 +66,7 @@ def logit_sum(teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     center needs. They add up, so the sums of several micro-batches are those of their union."""
     flat = teacher_logits.float().reshape(-1, teacher_logits.shape[-1])
     total = _all_reduce_sum(flat.sum(dim=0, keepdim=True))
-    count = _all_reduce_sum(torch.tensor(float(flat.shape[0]), device=flat.device))
+    count = _all_reduce_sum(torch.full((), float(flat.shape[0]), device=flat.device))
     return total, count
 
 

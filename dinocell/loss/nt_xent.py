@@ -44,5 +44,5 @@ def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.1)
         anchors = torch.arange(2 * b, device=logits.device)
         own = anchors + offset  # each view's own column (excluded: it is not a candidate)
         positive = torch.cat([anchors[b:], anchors[:b]]) + offset  # view a of image i <-> view b of image i
-        logits = logits.index_put((anchors, own), torch.tensor(-float("inf"), device=logits.device))
+        logits = logits.index_put((anchors, own), torch.full((), -float("inf"), device=logits.device))
         return F.cross_entropy(logits, positive)

@@ -1,96 +1,44 @@
-"""Batched photometric augmentations on the training device: the per-crop ops of the CPU reference
-(`MultiCropTransform._photometric` in dinocell/data/transforms.py) applied to a whole batch of crops at once.
+"""crops.gpu_augmentations: the per-crop ops of the CPU reference after geometry (photometric ops, mask,
+normalisation, channel replication) applied to a whole batch of crops at once on the training device.
 
-Split of the work: the loader keeps cutting crops on the CPU, and for each crop draws its photometric parameters
-from the crop's own random stream (`random.Random(derive_seed(seed, SeedStream.CROPS, position))`) with
-`draw_photometric`, which consumes that stream exactly as the reference does, draw for draw. `PhotometricBatch.stack`
-turns a batch's parameters into a few small tensors; `apply_photometric` then applies them on the device in a fixed
-number of whole-batch kernels (no per-crop launches, no host synchronisation). Same seed and position -> same
-parameters as the CPU path, so runs stay reproducible and exactly resumable.
+Split of the work: the loader workers cut each crop (box, channel view, resize, flips and turns) and draw its
+photometric parameters from the crop's own random stream with `draw_photometric` (dinocell.pipeline.photometric, the
+draw the CPU reference uses too), so the same seed and position give the same parameters on both paths and runs stay
+reproducible and exactly resumable. Per crop the worker records a `PendingCrop`; collate stacks the crops and turns
+their records into a `DeviceAugmentation` (a few small tensors per crop tensor: `PendingOps`), which travels in
+`SSLBatch.device_augmentation` through pinned memory to the device, where `SSLBatch.finish_crops` (called by the
+training step and the validation) applies it in a fixed number of whole-batch kernels (no per-crop launches, no host
+synchronisation), in the reference's order: intensity (gamma, contrast, brightness), RGB colour jitter and grayscale,
+Gaussian blur, solarisation, noise; then the mask of masked crops, normalisation, replication to `in_chans`.
 
-Fidelity to the CPU reference, crop by crop: intensity (gamma, contrast, brightness), RGB colour jitter and
-grayscale, Gaussian blur and solarisation agree to float rounding (tests/test_gpu_augmentations.py, <= 1e-5).
-Noise is the one exception: the reference seeds a CPU generator per crop, the device draws the noise of the whole
-batch in one call from a generator seeded with all the batch's noise seeds. Its noise therefore matches the reference
-in distribution (zero mean, the crop's own std), not value by value, and is still reproducible (same batch -> same
-noise).
+What crosses to the device is the crops at their view's channels: a `mean` or `single` view is one channel, and its
+replication to the model's `in_chans` happens on the device (5x fewer bytes to pin and copy for the JUMP recipe). A
+crop tensor whose groups mix 1-channel and all-channel views (e.g. global1 `all`, global2 `mean`) replicates its
+1-channel crops in the worker instead, with their per-channel factors, and their noise is drawn once per pixel and
+shared by the channels, as the reference adds noise before replicating.
+
+Fidelity to the CPU reference, crop by crop: every op agrees to float rounding (tests/test_gpu_augmentations.py,
+<= 1e-5; the blur sums its taps in another order). Noise is the one exception: the reference seeds a CPU generator per
+crop, the device draws the noise of the whole batch in one call from a generator seeded with all the batch's noise
+seeds. Its noise therefore matches the reference in distribution (zero mean, the crop's own std), not value by value,
+and is still reproducible (same batch -> same noise).
 """
 
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from dinocell.config.schema import CropsConfig
 from dinocell.pipeline.augmentations import _FROM_YIQ, _TO_YIQ, _luma
+from dinocell.pipeline.photometric import PhotometricParams
 from dinocell.pipeline.samplers import derive_seed
-from dinocell.pipeline.transforms import RGB_GRAYSCALE_PROBABILITY, RGB_JITTER_PROBABILITY
 
-
-@dataclass(frozen=True)
-class ColorParams:
-    """DINO colour jitter of one RGB crop (only drawn with crops.rgb_color_aug)."""
-
-    jitter: bool
-    brightness: float
-    contrast: float
-    saturation: float
-    hue: float
-    grayscale: bool
-
-
-@dataclass(frozen=True)
-class PhotometricParams:
-    """Everything `_photometric` draws for one crop; a flag False means the op is skipped (its values unused)."""
-
-    intensity: bool
-    brightness: tuple[float, ...]  # one factor per crop channel
-    contrast: tuple[float, ...]
-    gamma: tuple[float, ...]
-    color: ColorParams | None
-    blur: bool
-    sigma: float
-    solarize: bool
-    noise: bool
-    noise_std: float
-    noise_seed: int
-
-
-def draw_photometric(s: CropsConfig, group: str, n_channels: int, rng: random.Random) -> PhotometricParams:
-    """The parameters of one crop of `group` with `n_channels` channels, drawn in the reference's order: every value
-    is drawn whether or not its op fires, so the stream stays aligned with the CPU path."""
-    intensity = rng.random() < s.intensity_aug_probability
-    brightness, contrast, gamma = (
-        tuple(rng.uniform(*r) for _ in range(n_channels)) for r in (s.brightness_range, s.contrast_range, s.gamma_range)
-    )
-    color = _draw_color(s.rgb_color_jitter, group, n_channels, rng) if s.rgb_color_aug else None
-    blur = rng.random() < s.blur_probability[group]
-    sigma = rng.uniform(*s.blur_sigma)
-    solarize = rng.random() < s.solarization_probability[group]
-    noise = rng.random() < s.noise_probability[group]
-    noise_std = rng.uniform(*s.noise_std)
-    noise_seed = rng.getrandbits(63)
-    return PhotometricParams(
-        intensity, brightness, contrast, gamma, color, blur, sigma, solarize, noise, noise_std, noise_seed
-    )
-
-
-def _draw_color(strengths: list[float], group: str, n_channels: int, rng: random.Random) -> ColorParams:
-    if n_channels != 3:
-        raise ValueError(
-            f"crops.rgb_color_aug=true needs 3-channel RGB crops but crop group {group} has {n_channels} "
-            "channel(s); set crops.rgb_color_aug=false for non-RGB data or use channel view 'all' on RGB images"
-        )
-    jitter = rng.random() < RGB_JITTER_PROBABILITY
-    *factors, hue = strengths  # crops.rgb_color_jitter: brightness, contrast, saturation, hue
-    brightness, contrast, saturation = (rng.uniform(1 - strength, 1 + strength) for strength in factors)
-    hue_shift = rng.uniform(-hue, hue)
-    return ColorParams(jitter, brightness, contrast, saturation, hue_shift, rng.random() < RGB_GRAYSCALE_PROBABILITY)
+# the transform's output key (per sample) that collate turns into SSLBatch.device_augmentation
+DEVICE_AUGMENTATION_KEY = "device_augmentation"
 
 
 @dataclass(frozen=True)
@@ -111,10 +59,17 @@ class PhotometricBatch:
     noise: torch.Tensor
     noise_std: torch.Tensor
     noise_seed: int | None  # one seed for the batch's noise draw; None = no crop gets noise
+    noise_shared: torch.Tensor  # [B] bool: one noise value per pixel for all channels (a replicated 1-channel crop)
 
     @classmethod
-    def stack(cls, params: Sequence[PhotometricParams], device: torch.device | str = "cpu") -> PhotometricBatch:
-        """One host-to-device copy per field; call it in the loader (pinned memory) or just before the step."""
+    def stack(
+        cls,
+        params: Sequence[PhotometricParams],
+        device: torch.device | str = "cpu",
+        shared_noise: Sequence[bool] | None = None,
+    ) -> PhotometricBatch:
+        """One host-to-device copy per field; call it in the loader (pinned memory) or just before the step.
+        `shared_noise`: per crop, whether its channels are copies of one channel (default: none is)."""
 
         def tensor(values, dtype=torch.float32) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
@@ -145,6 +100,7 @@ class PhotometricBatch:
             noise=tensor([p.noise for p in params], torch.bool),
             noise_std=tensor([p.noise_std for p in params]),
             noise_seed=derive_seed(*noise_seeds) if noise_seeds else None,
+            noise_shared=tensor(list(shared_noise or [False] * len(params)), torch.bool),
         )
 
 
@@ -183,6 +139,7 @@ def apply_photometric(crops: torch.Tensor, p: PhotometricBatch, solarization_thr
         if p.noise_seed is not None:
             generator = torch.Generator(device=x.device).manual_seed(p.noise_seed)
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = torch.where(_per_crop(p.noise_shared), noise[:, :1], noise)
             x = torch.where(_per_crop(p.noise), x + _per_crop(p.noise_std) * noise, x)
         return x
 
@@ -225,3 +182,102 @@ def _blur(x: torch.Tensor, p: PhotometricBatch) -> torch.Tensor:
     padded = F.pad(x.reshape(1, b * c, h, w), (radius, radius, radius, radius), mode="reflect")
     rows = F.conv2d(padded, weights[:, None, None, :], groups=b * c)  # along the width
     return F.conv2d(rows, weights[:, None, :, None], groups=b * c).view(b, c, h, w)  # along the height
+
+
+@dataclass(frozen=True)
+class PendingCrop:
+    """What remains to do to one crop a loader worker cut with crops.gpu_augmentations, in the reference's order."""
+
+    photometric: PhotometricParams | None  # None: crops.photometric_aug=false
+    mask: torch.Tensor | None  # bool [1, S, S]: the pixels a masked crop keeps; None: an unmasked crop
+    mean: list[float] | None  # normalisation of the crop's view channels (crops.channel_mean/std); None: none
+    std: list[float] | None
+
+
+@dataclass(frozen=True)
+class PendingOps:
+    """The pending work of one stacked crop tensor [B, c, S, S] (c: the views' channel count, 1 or in_chans)."""
+
+    photometric: PhotometricBatch | None
+    keep: torch.Tensor | None  # bool [B, 1, S, S]: pixels kept (all True for unmasked crops); None: no masked crop
+    mean: torch.Tensor | None  # [B, c, 1, 1]
+    std: torch.Tensor | None
+
+    @classmethod
+    def stack(cls, crops: Sequence[torch.Tensor], pending: Sequence[PendingCrop]) -> tuple[torch.Tensor, PendingOps]:
+        """Stack a worker's crops (in batch order) and their records. Crops of 1 channel next to crops of more are
+        replicated to the larger count here, their per-channel factors and normalisation with them."""
+        if not crops:
+            return torch.empty(0), cls(None, None, None, None)
+        channels = max(crop.shape[0] for crop in crops)
+        shared = [crop.shape[0] < channels for crop in crops]  # a replicated 1-channel crop
+        stacked = torch.stack([crop.expand(channels, -1, -1) for crop in crops])
+        photometric = None
+        if pending[0].photometric is not None:
+            params = [_widen(p.photometric, channels) for p in pending]
+            photometric = PhotometricBatch.stack(params, shared_noise=shared)
+        keep = None
+        masks = [p.mask for p in pending]
+        if (template := next((m for m in masks if m is not None), None)) is not None:
+            keep = torch.stack([torch.ones_like(template) if m is None else m for m in masks])
+        mean = std = None
+        if pending[0].mean is not None:
+            mean, std = (torch.tensor([_repeat(getattr(p, name), channels) for p in pending])[..., None, None]
+                         for name in ("mean", "std"))
+        return stacked, cls(photometric, keep, mean, std)
+
+    def apply(self, crops: torch.Tensor, solarization_threshold: float, in_chans: int) -> torch.Tensor:
+        """The pending ops on the stacked crops (already on the device): photometric ops, mask, normalisation,
+        replication of 1-channel crops to in_chans; outside autocast, in fp32 like the reference."""
+        x = crops
+        if self.photometric is not None:
+            x = apply_photometric(x, self.photometric, solarization_threshold)
+        if self.keep is not None:
+            x = x * self.keep
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return x.expand(-1, in_chans, -1, -1) if x.shape[1] == 1 and in_chans != 1 else x
+
+
+def _repeat(values: Sequence[float], channels: int) -> list[float]:
+    """A 1-channel crop's values for its replicated channels; other crops' values as they are."""
+    return list(values) * channels if len(values) == 1 else list(values)
+
+
+def _widen(p: PhotometricParams, channels: int) -> PhotometricParams:
+    """The parameters of a 1-channel crop replicated to `channels`: the same factor for every copy."""
+    if len(p.brightness) == channels:
+        return p
+    return replace(p, **{name: tuple(_repeat(getattr(p, name), channels)) for name in ("brightness", "contrast",
+                                                                                       "gamma")})
+
+
+@dataclass(frozen=True)
+class DeviceAugmentation:
+    """SSLBatch.device_augmentation: the pending work of the batch's global and local crop tensors."""
+
+    global_crops: PendingOps
+    local_crops: PendingOps
+    in_chans: int
+    solarization_threshold: float
+
+    @classmethod
+    def collate(cls, samples: Sequence[dict], n_global: int, n_local: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     DeviceAugmentation]:
+        """(global crops, local crops, their pending work) of transformed samples, crop-major like collate's
+        reference path; an empty [0, in_chans, L, L]-like local tensor is left to the caller."""
+        pending = [s[DEVICE_AUGMENTATION_KEY] for s in samples]
+        stacked = {}
+        for key, n in (("global_crops", n_global), ("local_crops", n_local)):
+            stacked[key] = PendingOps.stack([s[key][c] for c in range(n) for s in samples],
+                                            [p[key][c] for c in range(n) for p in pending])
+        first = pending[0]
+        aug = cls(stacked["global_crops"][1], stacked["local_crops"][1], first["in_chans"],
+                  first["solarization_threshold"])
+        return stacked["global_crops"][0], stacked["local_crops"][0], aug
+
+    def finish(self, global_crops: torch.Tensor, local_crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The finished (global, local) crops, as the CPU path would have made them."""
+        threshold = self.solarization_threshold
+        return (self.global_crops.apply(global_crops, threshold, self.in_chans),
+                self.local_crops.apply(local_crops, threshold, self.in_chans))

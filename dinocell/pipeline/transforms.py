@@ -36,11 +36,10 @@ from dinocell.pipeline.augmentations import (
     sample_crop_box,
     solarize,
 )
+from dinocell.pipeline.gpu_augmentations import DEVICE_AUGMENTATION_KEY, PendingCrop
+from dinocell.pipeline.photometric import PhotometricParams, draw_photometric
 from dinocell.pipeline.samplers import SeedStream, derive_seed
 
-# Chances of colour jitter (strengths: crops.rgb_color_jitter) and grayscale for natural RGB images (DINO and SimCLR).
-RGB_JITTER_PROBABILITY = 0.8
-RGB_GRAYSCALE_PROBABILITY = 0.2
 PYRAMID_MIN_FACTOR = 3.0  # use the half-resolution field when the crop box is >= 3x its output size
 
 
@@ -85,7 +84,12 @@ def to_in_chans(x: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 class MultiCropTransform:
     """`transform(sample, position)` -> {"global_crops": [2 x [in_chans, G, G]], "local_crops": [N x [in_chans, L, L]]};
-    every random choice comes from (seed, position) only. `in_chans` is the model's channel count."""
+    every random choice comes from (seed, position) only. `in_chans` is the model's channel count.
+
+    With crops.gpu_augmentations the crops stop after geometry and channel view ([view channels, S, S]: 1 or all),
+    and the output gains DEVICE_AUGMENTATION_KEY: per crop what remains to do (photometric parameters, mask,
+    normalisation), which collate stacks into SSLBatch.device_augmentation for the training step's device.
+    """
 
     def __init__(self, crops: CropsConfig, *, in_chans: int, seed: int) -> None:
         self.s = crops
@@ -120,7 +124,18 @@ class MultiCropTransform:
             )
             for i in range(s.local_crops_number)
         ]
-        return {"global_crops": global_crops, "local_crops": local_crops}
+        if not s.gpu_augmentations:
+            return {"global_crops": global_crops, "local_crops": local_crops}
+        return {
+            "global_crops": [crop for crop, _ in global_crops],
+            "local_crops": [crop for crop, _ in local_crops],
+            DEVICE_AUGMENTATION_KEY: {
+                "global_crops": [pending for _, pending in global_crops],
+                "local_crops": [pending for _, pending in local_crops],
+                "in_chans": self.in_chans,
+                "solarization_threshold": s.solarization_threshold,
+            },
+        }
 
     def _crop(
         self,
@@ -130,8 +145,9 @@ class MultiCropTransform:
         size: int,
         scale: Sequence[float],
         rng: random.Random,
-    ) -> torch.Tensor:
-        """One crop; `mask` given = a masked crop (pixels outside the mask are zeroed before normalisation)."""
+    ) -> torch.Tensor | tuple[torch.Tensor, PendingCrop]:
+        """One crop; `mask` given = a masked crop (pixels outside the mask are zeroed before normalisation). With
+        crops.gpu_augmentations: the crop after geometry and channel view, and what remains to do on the device."""
         s = self.s
         n_channels, height, width = field.image.shape
         top, left, h, w = sample_crop_box(height, width, scale, rng)
@@ -142,52 +158,43 @@ class MultiCropTransform:
         hflip, vflip, turns = rng.random() < 0.5, rng.random() < 0.5, rng.randrange(4)
         geometry = (s.horizontal_flips and hflip, s.vertical_flips and vflip, turns if s.rotate90 else 0)
         crop = flip_rotate(crop, *geometry)
-        if s.photometric_aug:
-            crop = self._photometric(crop, group, rng)
+        params = draw_photometric(s, group, crop.shape[0], rng) if s.photometric_aug else None
+        crop_mask = None
         if mask is not None:
             crop_mask = flip_rotate(resize_mask(mask[:, top : top + h, left : left + w], size), *geometry)
+        if s.gpu_augmentations:
+            return crop, PendingCrop(params, crop_mask, mean, std)
+        if params is not None:
+            crop = apply_photometric_params(crop, params, s.solarization_threshold)
+        if crop_mask is not None:
             crop = crop * crop_mask
         if mean is not None:
             crop = normalize(crop, mean, std)
         return to_in_chans(crop, self.in_chans)
 
     def _photometric(self, crop: torch.Tensor, group: str, rng: random.Random) -> torch.Tensor:
-        """Every parameter is drawn whether or not its op fires, so one probability never shifts the other draws."""
-        s = self.s
-        n = crop.shape[0]
-        intensity = rng.random() < s.intensity_aug_probability
-        ranges = (s.brightness_range, s.contrast_range, s.gamma_range)
-        factors = [torch.tensor([rng.uniform(*r) for _ in range(n)]) for r in ranges]
-        if intensity:
-            crop = adjust_intensity(crop, *factors)
-        if s.rgb_color_aug:
-            crop = self._rgb_color(crop, group, rng)
-        blur, sigma = rng.random() < s.blur_probability[group], rng.uniform(*s.blur_sigma)
-        if blur:
-            crop = gaussian_blur(crop, sigma)
-        if rng.random() < s.solarization_probability[group]:
-            crop = solarize(crop, s.solarization_threshold)
-        noise = rng.random() < s.noise_probability[group]
-        noise_std, noise_seed = rng.uniform(*s.noise_std), rng.getrandbits(63)
-        if noise:
-            crop = add_gaussian_noise(crop, noise_std, torch.Generator().manual_seed(noise_seed))
-        return crop
+        """The CPU reference of one crop's photometric ops, with the parameters `draw_photometric` draws from `rng`."""
+        params = draw_photometric(self.s, group, crop.shape[0], rng)
+        return apply_photometric_params(crop, params, self.s.solarization_threshold)
 
-    def _rgb_color(self, crop: torch.Tensor, group: str, rng: random.Random) -> torch.Tensor:
-        if crop.shape[0] != 3:
-            raise ConfigError(
-                f"crops.rgb_color_aug=true needs 3-channel RGB crops but crop group {group} has {crop.shape[0]} "
-                "channel(s); set crops.rgb_color_aug=false for non-RGB data or use channel view 'all' on RGB images"
-            )
-        jitter = rng.random() < RGB_JITTER_PROBABILITY
-        *strengths, hue = self.s.rgb_color_jitter
-        factors = [rng.uniform(1 - strength, 1 + strength) for strength in strengths]
-        hue_shift = rng.uniform(-hue, hue)
-        if jitter:
-            crop = rgb_color_jitter(crop, *factors, hue_shift)
-        if rng.random() < RGB_GRAYSCALE_PROBABILITY:
+
+def apply_photometric_params(crop: torch.Tensor, p: PhotometricParams, solarization_threshold: float) -> torch.Tensor:
+    """The photometric ops of one [C, H, W] crop, in order: intensity (gamma, contrast, brightness), RGB colour jitter
+    and grayscale, Gaussian blur, solarisation, additive noise (from a CPU generator seeded by the crop's seed)."""
+    if p.intensity:
+        crop = adjust_intensity(crop, *(torch.tensor(f) for f in (p.brightness, p.contrast, p.gamma)))
+    if p.color is not None:
+        if p.color.jitter:
+            crop = rgb_color_jitter(crop, p.color.brightness, p.color.contrast, p.color.saturation, p.color.hue)
+        if p.color.grayscale:
             crop = rgb_to_grayscale(crop)
-        return crop
+    if p.blur:
+        crop = gaussian_blur(crop, p.sigma)
+    if p.solarize:
+        crop = solarize(crop, solarization_threshold)
+    if p.noise:
+        crop = add_gaussian_noise(crop, p.noise_std, torch.Generator().manual_seed(p.noise_seed))
+    return crop
 
 
 class _Field:

@@ -135,23 +135,35 @@ class SSLMetaArch(nn.Module):
         )
 
     @torch.no_grad()
-    def after_step(self, values: Mapping[str, float], updates: dict[str, torch.Tensor]) -> None:
-        """After a committed optimiser step: the teacher's EMA at the scheduled momentum; with EMA centering, each
-        center moves towards the step's mean teacher logit (`updates`: sums and counts over the step's batch)."""
-        self.update_teacher(values["momentum"])
+    def after_step(
+        self, values: Mapping[str, float], updates: dict[str, torch.Tensor], taken: torch.Tensor | None = None
+    ) -> None:
+        """After the optimiser step: the teacher's EMA at the scheduled momentum; with EMA centering, each center
+        moves towards the step's mean teacher logit (`updates`: sums and counts over the step's batch). With `taken`
+        (a bool tensor) both happen only where it is True, chosen on the device."""
+        self.update_teacher(values["momentum"], taken)
         for head in ("dino", "ibot") if updates else ():
             center = getattr(self, f"{head}_center")
             total, count = updates[f"{head}_logit_sum"], updates[f"{head}_logit_count"]
-            center.copy_(update_center(center, total, count, CENTER_MOMENTUM))
+            updated = update_center(center, total, count, CENTER_MOMENTUM)
+            center.copy_(updated if taken is None else torch.where(taken, updated, center))
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter (shard by shard under
-        FSDP)."""
+    def update_teacher(self, momentum: float, taken: torch.Tensor | None = None) -> None:
+        """teacher = momentum * teacher + (1 - momentum) * student, in a few multi-tensor kernels over all parameters
+        (shard by shard under FSDP).
+
+        With `taken` the momentum becomes a device scalar, 1 where the step was skipped: teacher * 1 + student * 0
+        leaves the teacher exactly as it was (the skipped step left the student finite and unchanged)."""
         student = list(self.student.parameters())
         teacher = list(self.teacher.parameters())
-        torch._foreach_mul_(teacher, momentum)
-        torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+        if taken is None:
+            torch._foreach_mul_(teacher, momentum)
+            torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+            return
+        keep = torch.where(taken, momentum, 1.0).to(teacher[0].dtype)
+        torch._foreach_mul_(teacher, keep)
+        torch._foreach_add_(teacher, torch._foreach_mul(student, 1.0 - keep))
 
     def teacher_state_dict(self) -> dict[str, torch.Tensor]:
         """Teacher weights as in an eval dump: keys backbone.*, dino_head.*, ibot_head.*. Under FSDP they are

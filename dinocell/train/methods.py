@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dinocell.config.schema import SSLConfig
+from dinocell.models.vision_transformer import DinoVisionTransformer
 from dinocell.train.meta_arch import SSLMetaArch, SSLOutput
 from dinocell.train.simclr import SimCLRMetaArch
 
@@ -27,9 +28,12 @@ class SSLMethod(Protocol):
     def __call__(self, batch, **scheduled: float) -> SSLOutput:
         """The loss of one batch; no side effect on the model's state (a skipped step needs no rollback)."""
 
-    def after_step(self, values: Mapping[str, float], updates: dict[str, torch.Tensor]) -> None:
-        """Commit what follows a taken optimiser step (DINO: teacher EMA and centers), from the iteration's
-        scheduled values and the forwards' `updates` (batch sums) added up over the micro-batches."""
+    def after_step(
+        self, values: Mapping[str, float], updates: dict[str, torch.Tensor], taken: torch.Tensor | None = None
+    ) -> None:
+        """Commit what follows the optimiser step (DINO: teacher EMA and centers), from the iteration's scheduled
+        values and the forwards' `updates` (batch sums) added up over the micro-batches. `taken` None: the step was
+        taken; a bool tensor on the device: commit only where it is True, selected on the device (no host read)."""
 
     def eval_backbone(self) -> nn.Module:
         """The backbone whose features are evaluated (DINO: the teacher's; SimCLR: the student's), whole on every rank:
@@ -45,5 +49,15 @@ METHODS: dict[str, type[nn.Module]] = {"dino": SSLMetaArch, "simclr": SimCLRMeta
 
 
 def build_method(cfg: SSLConfig) -> SSLMethod:
-    """The meta-architecture of `cfg.method`, built from the config (weights initialised, nothing moved to a device)."""
-    return METHODS[cfg.method](cfg)
+    """The meta-architecture of `cfg.method`, built from the config (weights initialised, nothing moved to a device),
+    with the backbone speed switches applied: train.activation_checkpointing on the student's blocks (the teacher
+    runs without gradients, where there is nothing to recompute) and train.compile on the blocks of every backbone
+    (student and teacher; torch.compile compiles lazily, at the first forward on the device)."""
+    model = METHODS[cfg.method](cfg)
+    if cfg.train.activation_checkpointing:  # both switches need a ViT (checked with the config)
+        model.student.backbone.activation_checkpointing = True
+    if cfg.train.compile:
+        for module in model.modules():
+            if isinstance(module, DinoVisionTransformer):
+                module.compile_blocks()
+    return model

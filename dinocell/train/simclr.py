@@ -69,7 +69,9 @@ class SimCLRMetaArch(nn.Module):
         """The backbone whose features are evaluated: the student's (SimCLR has no other)."""
         return self.student.backbone
 
-    def after_step(self, values: Mapping[str, float], updates: dict[str, torch.Tensor]) -> None:
+    def after_step(
+        self, values: Mapping[str, float], updates: dict[str, torch.Tensor], taken: torch.Tensor | None = None
+    ) -> None:
         """Nothing to do: SimCLR has no teacher and no running targets."""
 
     def eval_dump(self) -> dict[str, dict[str, torch.Tensor]]:

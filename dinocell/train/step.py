@@ -11,10 +11,19 @@ teacher-logit sums and counts of the EMA centers) and are added up over the micr
 is exactly that of the large batch.
 
 A step whose loss (averaged over micro-batches and ranks) or gradient norm is not finite is skipped as a whole: no
-optimiser update and no `after_step` (no teacher EMA, no center update). Because the model's forward has no side
-effects on its state, skipping needs no rollback. Backward still runs on such a step, since DistributedDataParallel
-expects one backward per forward; the gradients are averaged over ranks by then, so every rank sees the same norm and
-takes the same decision.
+optimiser update, no teacher EMA, no center update. Because the model's forward has no side effects on its state,
+skipping needs no rollback. Backward still runs on such a step, since DistributedDataParallel expects one backward per
+forward; the gradients are averaged over ranks by then, so every rank sees the same norm and takes the same decision.
+
+Where the decision is made: with a fused AdamW (the trainer's optimiser on CUDA) on the device, without reading
+anything back: the fused kernel takes `found_inf` and leaves parameters, moments and step counts untouched where it
+is set, and `after_step(..., taken)` selects the EMA and the centers on the device. So a step queues its work and
+returns at once, and the GPU never waits for the host. Other optimisers (torch's default AdamW, the CPU reference)
+cannot skip on the device: the host reads the flag and skips the calls, which on a CPU costs nothing. Either way
+`StepResult.finite` is a bool tensor; the loop reads it in batches (dinocell.train.nonfinite).
+
+Batches with crops.gpu_augmentations carry their photometric parameters; `SSLBatch.finish_crops` applies them on the
+device first, outside autocast.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ class StepResult(NamedTuple):
     loss: torch.Tensor  # total loss averaged over micro-batches and ranks
     terms: dict[str, torch.Tensor]  # this rank's detached loss terms, averaged over micro-batches
     grad_norm: torch.Tensor  # before clipping
-    finite: bool  # False: the step was skipped
+    finite: torch.Tensor  # bool, on the device; False: the step was skipped
 
 
 def autocast_context(device: torch.device, autocast_dtype: str) -> Callable[[], contextlib.AbstractContextManager]:
@@ -70,6 +79,7 @@ class TrainStep:
         self.params = [p for p in model.student.parameters() if p.requires_grad]
         self.max_norm = clip_grad if clip_grad > 0 else math.inf
         self.autocast = autocast_context(device, autocast_dtype)
+        self.skips_on_device = bool(optimizer.defaults.get("fused"))  # fused AdamW takes found_inf
 
     def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """DDP averages gradients over processes only in the last micro-batch's backward."""
@@ -87,6 +97,7 @@ class TrainStep:
         k = len(micro_batches)
         losses, terms, updates = [], [], []
         for i, batch in enumerate(micro_batches):
+            batch = batch.finish_crops()  # crops.gpu_augmentations: the crops' pending work, on the device
             with self._gradient_sync(last=i == k - 1):
                 with self.autocast():
                     out = self.forward(batch, **inputs)
@@ -96,10 +107,16 @@ class TrainStep:
             updates.append(out.updates)
         grad_norm = parallel.clip_grad_norm(self.params, self.max_norm)
         loss = distributed.all_reduce_mean(_mean(losses))
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
-        if finite:
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        summed = {name: sum(u[name] for u in updates) for name in updates[0]}
+        if self.skips_on_device:
+            self.optimizer.found_inf = (~finite).float()  # read by the fused kernel: 1 = skip this step
             self.optimizer.step()
-            self.model.after_step(values, {name: sum(u[name] for u in updates) for name in updates[0]})
+            del self.optimizer.found_inf  # as GradScaler does: never left for a later step() to read
+            self.model.after_step(values, summed, finite)
+        elif finite:  # a host read: free on a CPU
+            self.optimizer.step()
+            self.model.after_step(values, summed)
         else:
             self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss, {name: _mean([t[name] for t in terms]) for name in terms[0]}, grad_norm, finite)

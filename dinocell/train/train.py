@@ -21,13 +21,15 @@ import torch
 from dinocell import distributed, parallel
 from dinocell.config import SSLConfig, config_to_dict, save_config
 from dinocell.data.dataset import SampleDataset
-from dinocell.errors import UserError
 from dinocell.logging import MetricsLogger, setup_logging
 from dinocell.logging.sinks import METRICS_FILE
 from dinocell.pipeline.loaders import build_ssl_loader_from_config
+from dinocell.pipeline.prefetch import DataWaitWatch, DevicePrefetcher
 from dinocell.train.checkpoint import BEST, prune_checkpoints, save_checkpoint, save_eval_dump
 from dinocell.train.early_stopping import EarlyStopping
 from dinocell.train.methods import build_method
+from dinocell.train.nonfinite import NonFiniteLossError as NonFiniteLossError  # re-exported: the commands catch it
+from dinocell.train.nonfinite import NonFiniteSteps
 from dinocell.train.optim import build_optimizer, param_groups
 from dinocell.train.periodic import KNN_HISTORY, PeriodicEvaluation
 from dinocell.train.preflight import preflight
@@ -39,12 +41,6 @@ from dinocell.train.step import StepResult, TrainStep
 from dinocell.train.validation import Validation
 
 logger = logging.getLogger("dinocell")
-
-
-class NonFiniteLossError(UserError, RuntimeError):
-    """Raised after train.max_consecutive_nonfinite non-finite steps in a row."""
-
-    exit_code = 1
 
 
 def _bad_samples(dataset: SampleDataset) -> int | None:
@@ -66,6 +62,7 @@ def _record(it: int, values: dict[str, float], step: StepResult, window: dict[st
         "epoch": it / cfg.train.OFFICIAL_EPOCH_LENGTH,
         "iter_time": iter_time,
         "data_time": window["data_time"] / window["iters"],
+        "data_wait_share": window["data_time"] / window["time"],
         "images_per_s": global_batch / iter_time,
         **scheduled,  # lr, wd; DINO also last_layer_lr, momentum, teacher_temp
         "total_loss": float(step.loss),
@@ -124,6 +121,7 @@ def train(cfg: SSLConfig, *, resume: bool = True, stop: StopRequest | None = Non
             patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
         ),
         cfg.optim,
+        fused=device.type == "cuda",
     )
     early_stopping = EarlyStopping(
         cfg.checkpointing.best_metric, patience=cfg.train.early_stopping_patience,
@@ -157,37 +155,28 @@ def train(cfg: SSLConfig, *, resume: bool = True, stop: StopRequest | None = Non
         evaluation.end_at(state.iteration)
     if evaluation.due(state.iteration):  # the baseline at iteration 0, or the evaluation a resumed run repeats
         evaluation.run(model.eval_backbone(), state.iteration)
-    data = iter(build_ssl_loader_from_config(
+    data = DevicePrefetcher(iter(build_ssl_loader_from_config(
         cfg, dataset, rank=dist_info.rank, world_size=dist_info.world_size, start_iter=state.iteration,
         pin_memory=device.type == "cuda",
-    ))
+    )), device)
+    data_wait = DataWaitWatch(cfg.train.num_workers, cfg.train.dataset_path, judge=device.type == "cuda",
+                              suggest_gpu_augmentations=not cfg.crops.gpu_augmentations)
     state.seed_loop_rng(dist_info.rank, dist_info.world_size, cfg.train.seed)
     model.train()
-    consecutive_nonfinite = 0
+    nonfinite = NonFiniteSteps(cfg.train.max_consecutive_nonfinite, count=state.nonfinite_count,
+                               read_every_step=device.type != "cuda")
     record: dict[str, Any] = {}
     window = {"start": time.perf_counter(), "iters": 0, "data_time": 0.0}
     while state.iteration < total_iters and not state.early_stopping.should_stop:
         it = state.iteration
         t0 = time.perf_counter()
-        micro_batches = [next(data).to(device, non_blocking=True) for _ in range(accum)]
+        micro_batches = [next(data) for _ in range(accum)]
         window["data_time"] += time.perf_counter() - t0
         values = schedules.at(it)
         result = step(micro_batches, values)
         state.iteration = done = it + 1
         window["iters"] += 1
-        if result.finite:
-            consecutive_nonfinite = 0
-        else:
-            state.nonfinite_count += 1
-            consecutive_nonfinite += 1
-            logger.warning("iteration %d: non-finite loss or gradient, step skipped (%d in a row, %d in total)",
-                           it, consecutive_nonfinite, state.nonfinite_count)
-            if consecutive_nonfinite >= cfg.train.max_consecutive_nonfinite:
-                raise NonFiniteLossError(
-                    f"stopping: {consecutive_nonfinite} non-finite losses in a row at iteration {it} "
-                    f"(train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite}); no checkpoint was "
-                    "written from this state. Lower optim.lr, raise the warm-up, or check the data for NaN/inf."
-                )
+        nonfinite.record(result.finite, it)  # kept on the device on CUDA; elsewhere read (and checked) at once
 
         scores, new_best = {}, False
         if validation is not None and validation.due(done, total_iters):
@@ -196,6 +185,13 @@ def train(cfg: SSLConfig, *, resume: bool = True, stop: StopRequest | None = Non
             window["start"] += time.perf_counter() - t_val  # iter_time and images_per_s measure training only
             new_best = state.early_stopping.update(scores[cfg.checkpointing.best_metric], done)
         last = done == total_iters or state.early_stopping.should_stop
+        # SIGTERM on any rank: all stop here, after a checkpoint. Asking the ranks is a collective and a host read:
+        # on CUDA only at metrics lines (within train.log_every iterations), so that a step needs no sync.
+        polled = device.type != "cuda" or done % cfg.train.log_every == 0 or last
+        stopping = stop is not None and polled and stop.agreed(device)
+        checkpoint = done % cfg.checkpointing.period == 0 or last or stopping
+        if scores or checkpoint or done % cfg.train.log_every == 0:
+            state.nonfinite_count = nonfinite.read()  # the skipped steps' flags since the last read (may stop the run)
 
         if scores or done % cfg.train.log_every == 0 or last:
             window["time"] = time.perf_counter() - window["start"]
@@ -204,9 +200,8 @@ def train(cfg: SSLConfig, *, resume: bool = True, stop: StopRequest | None = Non
             if bad_samples is not None:
                 record["bad_samples"] = bad_samples  # counted since this process started (a resume starts at 0)
             metrics.log(record)
+            data_wait.check(record["data_wait_share"])
             window = {"start": time.perf_counter(), "iters": 0, "data_time": 0.0}
-        stopping = stop is not None and stop.agreed(device)  # SIGTERM on any rank: all stop here, after a checkpoint
-        checkpoint = done % cfg.checkpointing.period == 0 or last or stopping
         period = cfg.evaluation.eval_period_iterations
         dump = period > 0 and done % period == 0 and not last  # the last one is end-of-run work, below
         if checkpoint or new_best:

@@ -98,8 +98,9 @@ class Validation:
         try:
             total = 0.0
             for batch in itertools.islice(self.loader, self.n_batches):  # a new pass from the first sample
+                batch = batch.to(self.device, non_blocking=True).finish_crops()
                 with self.autocast():
-                    out = self.model(batch.to(self.device, non_blocking=True), **self.inputs)
+                    out = self.model(batch, **self.inputs)
                 total += float(distributed.all_reduce_mean(out.loss))
         finally:
             self.model.train(was_training)
