@@ -1,20 +1,18 @@
 """`dinocell <command> ...`: one entry point that dispatches to each tool's own `main(argv)`.
 
-Commands (dinocell/commands/) are imported lazily so that `dinocell --help` is instant and one tool's optional
-dependencies never break another. Nothing imports this module.
+Commands (dinocell/commands/) are imported lazily (dinocell.commands.dispatch). Nothing imports this module.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
 from dinocell import __version__
 from dinocell.commands.boundary import DEBUG_ENV
+from dinocell.commands.dispatch import Table, dispatch, listing
 
-# command -> (module with a `main(argv: list[str] | None) -> int | None`, one-line description)
-COMMANDS: dict[str, tuple[str, str]] = {
+COMMANDS: Table = {
     "train": ("dinocell.commands.train", "self-supervised training (DINO + iBOT + KoLeo or SimCLR) from a YAML config"),
     "datasets": ("dinocell.commands.datasets", "list registered datasets and the keys their strings accept"),
     "mean-std": ("dinocell.commands.mean_std", "per-channel dataset mean/std JSON (scDINO normalisation step)"),
@@ -28,9 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _usage() -> str:
-    width = max(len(c) for c in COMMANDS)
-    lines = ["usage: dinocell [--version] [--debug] <command> [--help] [args...]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines = ["usage: dinocell [--version] [--debug] <command> [--help] [args...]", "", "commands:", *listing(COMMANDS)]
     lines += ["", "Run `dinocell <command> --help` for the options of one command. A mistake is reported in one line;",
               f"--debug (before or after the command, or {DEBUG_ENV}=1) shows the full traceback instead.",
               "What the messages mean and what to do: docs/troubleshooting.md."]
@@ -45,22 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--debug":  # global form of the commands' --debug
         os.environ[DEBUG_ENV] = "1"
         argv = argv[1:]
-    if not argv:
-        print(_usage(), file=sys.stderr)
-        return 2
-    if argv[0] in ("-h", "--help"):
-        print(_usage())
-        return 0
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        import difflib
-
-        close = difflib.get_close_matches(command, COMMANDS, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        print(f"dinocell: unknown command '{command}'.{hint}\n\n{_usage()}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    return dispatch("dinocell", COMMANDS, argv, _usage())
 
 
 if __name__ == "__main__":
