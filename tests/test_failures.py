@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from tiny_runs import TINY_DINO
 
 from dinocell.commands import train as train_command
 from dinocell.commands.boundary import command
@@ -34,22 +35,12 @@ from dinocell.train.resume import ResumeError
 from dinocell.train.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "student.arch=vit_test", "student.patch_size=8", "student.n_storage_tokens=1", "student.in_chans=5",
-    "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=2",
-    "dino.head_n_prototypes=64", "ibot.head_n_prototypes=64", "dino.head_hidden_dim=32", "ibot.head_hidden_dim=32",
-    "dino.head_bottleneck_dim=16", "ibot.head_bottleneck_dim=16",
-    "train.dataset_path=SyntheticCellPainting:size=64:image_size=64", "train.batch_size_per_gpu=4",
-    "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=2", "optim.epochs=3", "optim.warmup_epochs=1",
-    "teacher.warmup_teacher_temp_epochs=1", "train.log_every=1", "checkpointing.period=3",
-    "evaluation.eval_period_iterations=2",
-]
 LOSS_FIELDS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss", "grad_norm")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def _cfg(out: Path, *extra: str):
-    return load_config(overrides=[*TINY, f"train.output_dir={out}", *extra])
+    return load_config(overrides=[*TINY_DINO, f"train.output_dir={out}", *extra])
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -105,7 +96,7 @@ def test_train_mistakes_are_one_line_and_write_nothing(tmp_path, monkeypatch, ca
     """`python -m dinocell.train` (what torchrun and launch_ssl.sh run) end to end for two, in-process for the rest."""
     for name, text in write.items():
         (tmp_path / name).write_text(text)
-    args = ["--output-dir", str(tmp_path / "run"), *TINY, *(a.replace("{tmp}", str(tmp_path)) for a in args)]
+    args = ["--output-dir", str(tmp_path / "run"), *TINY_DINO, *(a.replace("{tmp}", str(tmp_path)) for a in args)]
     before = sorted(p.name for p in tmp_path.iterdir())
     if in_subprocess:
         run = subprocess.run([sys.executable, "-m", "dinocell.train", *args], cwd=tmp_path, env=ENV,
@@ -257,7 +248,7 @@ def _copy(run: Path, to: Path) -> Path:
 def test_incompatible_resume_is_refused_and_changes_nothing(finished_run, tmp_path):
     out = _copy(finished_run, tmp_path / "run")
     before = _snapshot(out)
-    run = subprocess.run([sys.executable, "-m", "dinocell.train", f"--output-dir={out}", *TINY,
+    run = subprocess.run([sys.executable, "-m", "dinocell.train", f"--output-dir={out}", *TINY_DINO,
                           "dino.head_n_prototypes=128", "student.patch_size=16"],
                          env=ENV, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and len(run.stderr.splitlines()) == 1, run.stderr
@@ -334,8 +325,8 @@ def test_a_kill_after_the_last_checkpoint_is_finished_by_a_rerun(tmp_path):
     knn = ["evaluation.knn_train_dataset=SyntheticCellPainting:split=train:size=24:image_size=32:seed=1",
            "evaluation.knn_test_dataset=SyntheticCellPainting:split=test:size=16:image_size=32", "evaluation.knn_k=[5]"]
     extra = ["checkpointing.period=2", "checkpointing.max_to_keep=2", "evaluation.eval_period_iterations=4", *knn]
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_LAST_CHECKPOINT, f"--output-dir={out}", *TINY, *extra],
-                            env=ENV, capture_output=True, text=True, timeout=180)
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_LAST_CHECKPOINT, f"--output-dir={out}", *TINY_DINO,
+                             *extra], env=ENV, capture_output=True, text=True, timeout=180)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert [p.name for p in list_checkpoints(out / "ckpt")] == ["2", "4", "6"]
     assert sorted(p.name for p in (out / "eval").iterdir()) == ["0", "4", "knn.json", "metrics.json"]
@@ -374,7 +365,7 @@ sys.exit(main(sys.argv[1:]))
 def _start_and_signal(out: Path, sig: int, *extra: str) -> subprocess.CompletedProcess:
     """Start a slowed-down run in its own process group; once iteration 1 is logged, signal the group (as Slurm
     does: workers included)."""
-    args = [sys.executable, "-c", SLOW_STEPS, f"--output-dir={out}", *TINY, "train.num_workers=1", *extra]
+    args = [sys.executable, "-c", SLOW_STEPS, f"--output-dir={out}", *TINY_DINO, "train.num_workers=1", *extra]
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     metrics = out / "training_metrics.json"

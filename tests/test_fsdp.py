@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_e2e import TINY, _cli, _free_port, _metrics
+from test_train_e2e import _cli, _free_port, _metrics
+from tiny_runs import TINY_DINO
 
 from dinocell import distributed, parallel
 from dinocell.config import ConfigError, load_config
@@ -56,7 +57,7 @@ def _model_and_optimizer(cfg, *, shard: bool = False):
 def _trained_state(sharded: bool) -> TrainState:
     """A tiny model after one AdamW step (so the optimiser holds moments) and one EMA update, at iteration 5."""
     torch.manual_seed(0)
-    model, optimizer = _model_and_optimizer(load_config(overrides=TINY))
+    model, optimizer = _model_and_optimizer(load_config(overrides=TINY_DINO))
     for p in model.student.parameters():
         p.grad = torch.randn_like(p)
     for group in optimizer.param_groups:
@@ -94,7 +95,7 @@ def test_sharded_checkpoint_round_trip_in_one_process(tmp_path):
 
     for sharded in (True, False):
         torch.manual_seed(1)  # another initialisation: the checkpoint must overwrite every value
-        model, optimizer = _model_and_optimizer(load_config(overrides=TINY))
+        model, optimizer = _model_and_optimizer(load_config(overrides=TINY_DINO))
         fresh = TrainState(model, optimizer, EarlyStopping("val_loss", patience=0, min_delta=0.0), global_batch_size=4,
                        seed=0, sharded=sharded)
         path, saved = ckpt.load_latest_checkpoint(tmp_path, fresh.sharded_template)
@@ -243,11 +244,12 @@ from dinocell.config import load_config
 from dinocell.train.checkpoint import load_latest_checkpoint
 from dinocell.train.early_stopping import EarlyStopping
 from dinocell.train.state import TrainState
-from test_fsdp import TINY, _model_and_optimizer
+from test_fsdp import _model_and_optimizer
+from tiny_runs import TINY_DINO
 info = distributed.init_distributed()
 for root in sys.argv[1:]:
     torch.manual_seed(7)  # another initialisation: the checkpoint must overwrite every value
-    model, optimizer = _model_and_optimizer(load_config(overrides=TINY), shard=True)
+    model, optimizer = _model_and_optimizer(load_config(overrides=TINY_DINO), shard=True)
     state = TrainState(model, optimizer, EarlyStopping("val_loss", patience=0, min_delta=0.0), global_batch_size=4,
                        seed=0, sharded=True)
     _, saved = load_latest_checkpoint(Path(root), state.sharded_template)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from test_train_e2e import TINY
+from tiny_runs import TINY_DINO
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "launch_ssl.sh"
@@ -71,7 +71,8 @@ def test_launcher_refuses_incomplete_multinode_options(args, message):
 @pytest.mark.slow
 def test_two_single_process_nodes_train_like_one_node_with_two_processes(tmp_path):
     config = tmp_path / "tiny.yaml"
-    OmegaConf.save(OmegaConf.from_dotlist([*TINY, "train.batch_size_per_gpu=2", "student.drop_path_rate=0.0"]), config)
+    OmegaConf.save(OmegaConf.from_dotlist([*TINY_DINO, "train.batch_size_per_gpu=2", "student.drop_path_rate=0.0"]),
+                   config)
     one_node = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
                 "dinocell.train", "--config-file", str(config), f"--output-dir={tmp_path / 'one_node'}"]
     # --standalone picks its own free port; the two "nodes" meet at 127.0.0.1 on another one

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from test_train_e2e import TINY
+from tiny_runs import TINY_DINO
 
 from dinocell import distributed
 from dinocell.commands import submit as submit_cli
@@ -24,7 +24,7 @@ from dinocell.train.checkpoint import list_checkpoints
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "deploy" / "slurm" / "train.sbatch"
 # 12 iterations with a checkpoint after each: a requeue signal sent once the first checkpoint exists lands mid-run
-RUN = [*TINY, "optim.epochs=6", "checkpointing.period=1", "evaluation.eval_period_iterations=0",
+RUN = [*TINY_DINO, "optim.epochs=6", "checkpointing.period=1", "evaluation.eval_period_iterations=0",
        "student.drop_path_rate=0.1"]  # drop path: each rank's random stream must survive the requeue too
 ITERATIONS = 12
 LOSS_FIELDS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss", "grad_norm",

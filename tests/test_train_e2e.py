@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tiny_runs import TINY_DINO
 
 from dinocell.commands import train as train_command
 from dinocell.config import load_config
@@ -19,22 +20,12 @@ from dinocell.train import checkpoint as ckpt_module
 from dinocell.train.meta_arch import SSLMetaArch
 from dinocell.train.train import NonFiniteLossError, train
 
-TINY = [
-    "student.arch=vit_test", "student.patch_size=8", "student.n_storage_tokens=1", "student.in_chans=5",
-    "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=2",
-    "dino.head_n_prototypes=64", "ibot.head_n_prototypes=64", "dino.head_hidden_dim=32", "ibot.head_hidden_dim=32",
-    "dino.head_bottleneck_dim=16", "ibot.head_bottleneck_dim=16",
-    "train.dataset_path=SyntheticCellPainting:size=64:image_size=64", "train.batch_size_per_gpu=4",
-    "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=2", "optim.epochs=3", "optim.warmup_epochs=1",
-    "teacher.warmup_teacher_temp_epochs=1", "train.log_every=1", "checkpointing.period=3",
-    "evaluation.eval_period_iterations=2",
-]
 LOSS_FIELDS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss", "grad_norm",
                "lr", "wd", "momentum", "teacher_temp")
 
 
 def _cfg(out: Path, *extra: str):
-    return load_config(overrides=TINY + [f"train.output_dir={out}", *extra])
+    return load_config(overrides=TINY_DINO + [f"train.output_dir={out}", *extra])
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -169,7 +160,7 @@ def _cli(output_dir: Path, *extra: str) -> list[str]:
     distances are ~1e-5 and fp32 summation-order differences (batch 2 vs 4) are amplified beyond 1e-5.
     """
     no_randomness = ["student.drop_path_rate=0.0", "student.pos_embed_rope_rescale_coords=null"]
-    return [f"--output-dir={output_dir}", *TINY, *no_randomness, "student.layerscale=0.1", *extra]
+    return [f"--output-dir={output_dir}", *TINY_DINO, *no_randomness, "student.layerscale=0.1", *extra]
 
 
 @pytest.mark.slow
@@ -213,7 +204,7 @@ def test_cli_reports_nonfinite_stop_and_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     _poison(monkeypatch, None)
     out = tmp_path / "run"
-    args = ["--output-dir", str(out), *TINY, "train.max_consecutive_nonfinite=2", "logging.wandb=true"]
+    args = ["--output-dir", str(out), *TINY_DINO, "train.max_consecutive_nonfinite=2", "logging.wandb=true"]
     assert train_command.main(args) == 1
     assert "non-finite losses in a row" in (out / "logs" / "log.txt").read_text()
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import TINY_DINO
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dinocell.config import ConfigError, load_config
@@ -25,15 +26,9 @@ from dinocell.train.optim import build_optimizer, param_groups
 from dinocell.train.step import TrainStep
 from dinocell.train.train import train
 
-TINY = [  # tests/test_train_e2e.py's tiny DINO run, 3 iterations
-    "student.arch=vit_test", "student.patch_size=8", "student.n_storage_tokens=1", "student.in_chans=5",
-    "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=2",
-    "dino.head_n_prototypes=64", "ibot.head_n_prototypes=64", "dino.head_hidden_dim=32", "ibot.head_hidden_dim=32",
-    "dino.head_bottleneck_dim=16", "ibot.head_bottleneck_dim=16",
-    "train.dataset_path=SyntheticCellPainting:size=64:image_size=64", "train.batch_size_per_gpu=4",
-    "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=3", "optim.epochs=1", "optim.warmup_epochs=0",
-    "teacher.warmup_teacher_temp_epochs=0", "train.log_every=1", "checkpointing.period=3",
-    "evaluation.eval_period_iterations=0", "student.drop_path_rate=0.1",
+TINY = [  # the shared tiny DINO run as 3 iterations of one epoch, with drop path
+    *TINY_DINO, "train.OFFICIAL_EPOCH_LENGTH=3", "optim.epochs=1", "optim.warmup_epochs=0",
+    "teacher.warmup_teacher_temp_epochs=0", "evaluation.eval_period_iterations=0", "student.drop_path_rate=0.1",
     "student.layerscale=0.1",  # with 1e-5 the cls tokens start almost equal and KoLeo's neighbours flip on 1e-7 noise
 ]
 LOSSES = ("total_loss", "dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss", "koleo_loss", "grad_norm")
