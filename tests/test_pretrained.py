@@ -2,6 +2,7 @@
 
 import dataclasses
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -277,3 +278,27 @@ def test_architecture_mismatches_name_the_setting_to_change() -> None:
     base_like = build_backbone("vit_test", embed_dim=64, device="meta").state_dict()
     with pytest.raises(ValueError, match=r"embed dim 64 in the checkpoint, 32 in the backbone\); no built-in arch has"):
         load_pretrained(_tiny(), base_like)
+
+
+def _bytes_read() -> int:
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts reads through Linux's /proc/self/io")
+def test_the_pre_flight_check_does_not_read_the_weights_it_checks(tmp_path, vit_small_16) -> None:
+    """The check loads into a meta-device backbone: only the file's index is read, so a multi-GB file is not read
+    twice at start-up (the check, then the real load) and the ranks of a node share one page-cache copy."""
+    from dinocell.config import load_config
+    from dinocell.train.preflight import check_pretrained
+
+    path = tmp_path / "vits16.pth"
+    torch.save(vit_small_16.state_dict(), path)  # 86 MB
+    size = path.stat().st_size
+    student = load_config(overrides=["student.arch=vit_small", f"student.pretrained_weights={path}"]).student
+    before = _bytes_read()
+    check_pretrained(student)
+    assert _bytes_read() - before < size / 20
+    loaded = build_backbone("vit_small", layerscale_init=1.0)
+    load_pretrained(loaded, path)  # the real load still gives every value
+    _assert_same_weights(loaded, vit_small_16)

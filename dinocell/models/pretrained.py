@@ -18,6 +18,7 @@ import json
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,10 +96,13 @@ def why_unreadable(error: Exception) -> str:
 
 
 def _read_file(path: Path) -> Mapping:
+    """The file's state dict, memory-mapped where the format allows (safetensors, torch.save's zip format): tensors
+    are read from disk only when used, so a check that needs only shapes (the pre-flight one) costs no read of a
+    multi-GB file, and the ranks of a node share one copy in the page cache."""
     try:
         if path.suffix == ".safetensors":
             return load_file(path, device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
         raise WeightsError(
             f"{path} is not a readable checkpoint ({why_unreadable(e)}); expected a PyTorch state dict saved with "
