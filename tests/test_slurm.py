@@ -6,6 +6,7 @@ Without Slurm the cluster tests skip (the fixture says why); the option, script 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -20,11 +21,12 @@ from dinocell import distributed
 from dinocell.commands import submit as submit_cli
 from dinocell.run import submit
 from dinocell.train.checkpoint import list_checkpoints
+from dinocell.train.signals import sigterm_stops_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "deploy" / "slurm" / "train.sbatch"
-# 12 iterations with a checkpoint after each: a requeue signal sent once the first checkpoint exists lands mid-run
-RUN = [*TINY_DINO, "optim.epochs=6", "checkpointing.period=1", "evaluation.eval_period_iterations=0",
+# 12 iterations and no periodic checkpoint before the last: a checkpoint mid-run is the requeue signal's
+RUN = [*TINY_DINO, "optim.epochs=6", "checkpointing.period=100", "evaluation.eval_period_iterations=0",
        "student.drop_path_rate=0.1"]  # drop path: each rank's random stream must survive the requeue too
 ITERATIONS = 12
 LOSS_FIELDS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss", "grad_norm",
@@ -111,6 +113,67 @@ def test_no_resume_applies_to_the_first_attempt_only(monkeypatch):
     assert task.argv() == ["--config-file", "/runs/x/slurm/config.yaml"]
 
 
+@pytest.fixture
+def submitit_handler():
+    """A stand-in for the USR2 handler submitit installs in a job (checkpoint() and requeue): records its calls."""
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    yield calls
+    signal.signal(signal.SIGUSR2, previous)
+
+
+def _task_with_run(monkeypatch, run, signal_delay_s=120):
+    monkeypatch.setattr(submit, "run_training", run)
+    return submit.TrainingTask(Path("/runs/x/slurm/config.yaml"), signal_delay_s=signal_delay_s)
+
+
+def test_requeue_signal_checkpoints_first_then_requeues(monkeypatch, submitit_handler):
+    def run(argv):
+        with sigterm_stops_run(save_checkpoint=True) as stop:  # as `dinocell train` runs the training loop
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert stop.reason == "the requeue signal (USR2)" and submitit_handler == []  # not requeued yet
+        return 143  # the loop wrote its checkpoint and stopped (dinocell.commands.train)
+
+    installed = signal.getsignal(signal.SIGUSR2)
+    _task_with_run(monkeypatch, run)()  # returns instead of raising: the job is being requeued, not failing
+    assert submitit_handler == [signal.SIGUSR2]
+    assert signal.getsignal(signal.SIGUSR2) is installed  # submitit's handler is back
+
+
+def test_requeue_signal_requeues_at_once_when_no_loop_listens(monkeypatch, submitit_handler):
+    def run(argv):
+        os.kill(os.getpid(), signal.SIGUSR2)  # before the loop starts, or with checkpointing.save_on_sigterm=false
+        assert submitit_handler == [signal.SIGUSR2]
+        return 0
+
+    _task_with_run(monkeypatch, run)()
+    assert submitit_handler == [signal.SIGUSR2]  # once
+
+
+def test_requeue_signal_requeues_at_the_deadline_when_the_loop_has_not_stopped(monkeypatch, submitit_handler):
+    def run(argv):
+        with sigterm_stops_run(save_checkpoint=True):
+            os.kill(os.getpid(), signal.SIGUSR2)
+            deadline = time.monotonic() + 10
+            while not submitit_handler and time.monotonic() < deadline:  # a step or a checkpoint that takes long
+                time.sleep(0.01)
+            assert submitit_handler == [signal.SIGUSR2]  # requeued by the alarm, 0.75 x 0.4 s after the signal
+        return 143
+
+    _task_with_run(monkeypatch, run, signal_delay_s=0.4)()
+    assert submitit_handler == [signal.SIGUSR2]  # not requeued a second time
+
+
+def test_requeue_signal_after_the_last_iteration_lets_the_job_complete(monkeypatch, submitit_handler):
+    def run(argv):
+        with sigterm_stops_run(save_checkpoint=True):
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return 0  # the run had finished: nothing left to requeue
+
+    _task_with_run(monkeypatch, run)()
+    assert submitit_handler == [] and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
 def test_slurm_jobs_get_their_own_rendezvous_port(monkeypatch):
     env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "MASTER_ADDR": "n1", "SLURM_JOB_ID": "12345"}
     monkeypatch.setattr(os, "environ", env)  # the function writes torchrun's variables: keep them out of this process
@@ -165,12 +228,13 @@ def test_sbatch_template_trains_with_two_tasks(reference_run):
     assert records[-1]["total_loss"] < records[0]["total_loss"]
 
 
-def _wait_for_first_checkpoint(cluster, job_id: str, out: Path, timeout_s: float) -> None:
+def _wait_for_iterations(cluster, job_id: str, out: Path, n: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while not list_checkpoints(out / "ckpt"):
+    metrics = out / "training_metrics.json"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= n):
         state = cluster.job_state(job_id)
-        assert state in ("PENDING", "CONFIGURING", "RUNNING"), f"job {job_id} is {state} before its first checkpoint"
-        assert time.monotonic() < deadline, f"no checkpoint after {timeout_s:.0f} s"
+        assert state in ("PENDING", "CONFIGURING", "RUNNING"), f"job {job_id} is {state} before iteration {n}"
+        assert time.monotonic() < deadline, f"fewer than {n} iterations after {timeout_s:.0f} s"
         time.sleep(0.05)
 
 
@@ -179,9 +243,10 @@ def _wait_for_first_checkpoint(cluster, job_id: str, out: Path, timeout_s: float
 def test_submitted_job_requeued_mid_run_resumes_to_the_uninterrupted_metrics(
     slurm_cluster, reference_run, tmp_path, monkeypatch, capsys
 ):
-    """`dinocell submit` a 2-task CPU job; once its first checkpoint exists, Slurm's time-limit signal (USR2) makes
-    submitit call checkpoint() and requeue the job; the second attempt resumes (though submitted with --no-resume)
-    and ends with the metrics and teacher of the uninterrupted run, bit for bit."""
+    """`dinocell submit` a 2-task CPU job; after its second iteration, Slurm's time-limit signal (USR2) makes the run
+    write a checkpoint at the next iteration and stop, then submitit call checkpoint() and requeue the job; the second
+    attempt resumes from that checkpoint (though submitted with --no-resume) and ends with the metrics and teacher of
+    the uninterrupted run, bit for bit."""
     monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
     out = tmp_path / "run"
     argv = ["--config-file", str(_tiny_config(tmp_path)), "--output-dir", str(out), *CPU_JOB, "--no-resume"]
@@ -192,18 +257,20 @@ def test_submitted_job_requeued_mid_run_resumes_to_the_uninterrupted_metrics(
     job_id = re.search(r"submitted Slurm job (\d+)", printed).group(1)
     assert f"task logs {out}/slurm/{job_id}_<task>_log" in printed
 
-    _wait_for_first_checkpoint(slurm_cluster, job_id, out, timeout_s=180)
+    _wait_for_iterations(slurm_cluster, job_id, out, 2, timeout_s=180)
     subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm_cluster.env, check=True, timeout=30)
     state = slurm_cluster.wait(job_id, timeout_s=300)
     task0_log = (out / "slurm" / f"{job_id}_0_log.err").read_text()
     assert state == "COMPLETED", (state, task0_log[-3000:])
     assert slurm_cluster.job_field(job_id, "Restarts") == "1"
-    assert "Caught signal SIGUSR2" in task0_log  # submitit's handler: checkpoint() and requeue
+    assert "stopped by the requeue signal (USR2); the newest checkpoint is" in task0_log  # the run stopped first,
+    assert "Caught signal SIGUSR2" in task0_log  # then submitit's handler ran: checkpoint() and requeue
     assert (out / "slurm" / f"{job_id}_submission.sh").read_text().rstrip("\n") == dry_run.rstrip("\n")
 
     resumed = re.findall(r"resumed from \S+/ckpt/(\d+) at iteration", (out / "logs" / "log.txt").read_text())
-    assert len(resumed) == 1 and 1 <= int(resumed[0]) < ITERATIONS, resumed  # requeued mid-run, then resumed
+    assert len(resumed) == 1 and 3 <= int(resumed[0]) < ITERATIONS, resumed  # the signal's checkpoint, mid-run
     assert not list(out.glob("ckpt.replaced-*"))  # --no-resume did not apply to the second attempt
+    assert [int(c.name) for c in list_checkpoints(out / "ckpt")] == [int(resumed[0]), ITERATIONS]
 
     reference = reference_run[1]
     expected, got = _metrics(reference), _metrics(out)

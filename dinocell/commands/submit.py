@@ -19,9 +19,10 @@ examples:
   dinocell submit --config-file configs/train/demo.yaml --gpus-per-node 0 --tasks-per-node 4
 
 Each task (one per GPU) runs `dinocell train`; the process group forms from Slurm's variables. About
-signal-delay-s before the time limit (and on preemption) the job requeues itself under the same id and resumes from
-the newest checkpoint in OUTPUT_DIR/ckpt/ (at most checkpointing.period iterations are redone). The merged config is
-frozen into OUTPUT_DIR/slurm/ at submission. See docs/distributed.md.
+signal-delay-s before the time limit (and on preemption) the run writes a checkpoint at the next iteration, and the
+job requeues itself under the same id and resumes from it (if that takes longer than 3/4 of signal-delay-s, the job
+requeues at once and resumes from the newest periodic checkpoint). The merged config is frozen into
+OUTPUT_DIR/slurm/ at submission. See docs/distributed.md.
 """
 
 
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--exclude", help="nodes not to use, e.g. 'node[01-03]' (sbatch --exclude)")
     slurm.add_argument("--comment", help="free text shown by squeue/sacct (sbatch --comment)")
     slurm.add_argument("--signal-delay-s", type=int, default=defaults.signal_delay_s,
-                       help="seconds before the time limit at which the job requeues itself (default %(default)s)")
+                       help="seconds before the time limit at which the job checkpoints and requeues itself; 3/4 "
+                       "of it must cover one iteration plus one checkpoint write (default %(default)s)")
     slurm.add_argument("--max-timeouts", type=int, default=MAX_TIMEOUTS,
                        help="requeues after reaching the time limit before giving up (default %(default)s; "
                        "preemptions do not count)")

@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:
         raise RunStopped(stopped("interrupted (Ctrl-C)", out, argv), 130) from interrupt
     except Terminated as terminated:
-        raise RunStopped(stopped("stopped by SIGTERM", out, argv), 143) from terminated
+        raise RunStopped(stopped(f"stopped by {terminated}", out, argv), 143) from terminated
     finally:
         distributed.destroy()
     return 0

@@ -53,10 +53,12 @@ class PositionedDataset(Dataset):
 def _seed_worker(seed: int, rank: int, worker_id: int) -> None:
     """Seed global RNGs per (seed, rank, worker) for datasets with internal randomness; crops never use them.
 
-    Also ignore SIGTERM: a scheduler signals the whole process group, and a worker killed under the training process
-    would abort the checkpoint it writes before stopping (dinocell.train.signals); the training process ends its
-    workers itself, and they exit when it dies."""
+    Also ignore SIGTERM and SIGUSR2 (Slurm's requeue notice under submitit): a scheduler signals every process of a
+    task, and a worker killed under the training process would abort the checkpoint it writes before stopping
+    (dinocell.train.signals), or a worker would act on a handler it inherited; the training process ends its workers
+    itself, and they exit when it dies."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     worker_seed = derive_seed(seed, SeedStream.WORKER, rank, worker_id)
     random.seed(worker_seed)
     np.random.seed(worker_seed % 2**32)

@@ -5,17 +5,22 @@ from Slurm's variables (dinocell.distributed). The merged configuration is froze
 is submitted (`<output_dir>/slurm/config-<time>.yaml`), so editing the recipe while the job waits or between requeues
 changes nothing, and a bad key fails at submission rather than hours later in the queue.
 
-Requeue: Slurm sends USR2 `signal_delay_s` before the time limit (and schedulers send it on preemption); submitit then
-calls `TrainingTask.checkpoint()` on rank 0, which resubmits the same task, and requeues the job under the same id.
-The task carries no training state: every attempt resumes from the newest complete checkpoint in
-`<output_dir>/ckpt/`, so a requeue that never called `checkpoint()` (`scontrol requeue`, a failed node with
-`--requeue`) resumes the same way. At most `checkpointing.period` iterations are recomputed.
+Requeue: Slurm sends USR2 to every task `signal_delay_s` before the time limit (and schedulers send it on
+preemption). The training loop then stops at the next iteration boundary after writing a checkpoint of it (as for
+SIGTERM, with `checkpointing.save_on_sigterm`), and only then does submitit's handler run: on rank 0 it calls
+`TrainingTask.checkpoint()`, which resubmits the same task, and requeues the job under the same id. So a requeue
+recomputes nothing. If that checkpoint is not written within `REQUEUE_DEADLINE_SHARE` of the signal delay, or no
+training loop runs yet, the job is requeued at once and resumes from the newest periodic checkpoint instead: a
+requeue must happen before the time limit, or the job ends. The task carries no training state: every attempt
+resumes from the newest complete checkpoint in `<output_dir>/ckpt/`, so a requeue that never called `checkpoint()`
+(`scontrol requeue`, a failed node with `--requeue`) resumes the same way.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -28,9 +33,11 @@ import submitit
 from dinocell.commands.common import load_checked_config
 from dinocell.config import SSLConfig, save_config
 from dinocell.errors import UsageError
+from dinocell.train.signals import request_stop
 
 SLURM_FOLDER = "slurm"  # under the run directory: batch scripts, task logs, submitit's pickles, frozen configs
 MAX_TIMEOUTS = 20  # time-limit requeues before a job is left to end (a 24 h limit: 3 weeks of training)
+REQUEUE_DEADLINE_SHARE = 0.75  # of signal_delay_s: the checkpoint before a requeue must be written by then
 
 
 def run_training(argv: list[str]) -> int:
@@ -155,18 +162,66 @@ class TrainingTask(submitit.helpers.Checkpointable):
     set by Slurm however the requeue came about) resumes, or a requeue would throw away the progress of the run.
     """
 
-    def __init__(self, config_file: Path, fresh_start: bool = False) -> None:
+    def __init__(self, config_file: Path, fresh_start: bool = False, signal_delay_s: float = 120) -> None:
         self.config_file = config_file
         self.fresh_start = fresh_start
+        self.signal_delay_s = signal_delay_s
 
     def argv(self) -> list[str]:
         fresh = self.fresh_start and int(os.environ.get("SLURM_RESTART_COUNT", "0")) == 0
         return ["--config-file", str(self.config_file)] + (["--no-resume"] if fresh else [])
 
     def __call__(self) -> None:
-        status = run_training(self.argv())
+        with CheckpointBeforeRequeue(REQUEUE_DEADLINE_SHARE * self.signal_delay_s) as requeue:
+            status = run_training(self.argv())
+        if requeue.signalled and status != 0:  # the run stopped for the requeue
+            if requeue.owed:  # after its checkpoint, in time
+                requeue.now()  # rank 0 exits in it; the other ranks return
+            return
         if status != 0:  # raised, so that Slurm marks the job FAILED and job.result() raises
             raise RuntimeError(f"training exited with status {status}; see the run's logs/log.txt")
+
+
+class CheckpointBeforeRequeue:
+    """While the block runs, USR2 asks the training loop for a checkpointed stop (dinocell.train.signals) instead of
+    calling submitit's handler, which requeues at once. That handler runs through `now()`: at once when no loop
+    listens, from a SIGALRM `deadline_s` after the signal when the loop has not stopped by then, else by the caller
+    once the run has stopped (`owed`)."""
+
+    def __init__(self, deadline_s: float) -> None:
+        self.deadline_s = deadline_s
+        self.requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: on rank 0, checkpoint() and requeue the job
+        self.signalled = self.requeued = False
+
+    @property
+    def owed(self) -> bool:
+        return self.signalled and not self.requeued
+
+    def now(self, signum: int = signal.SIGUSR2, frame: Any = None) -> None:
+        self.requeued = True
+        if callable(self.requeue):
+            self.requeue(signal.SIGUSR2, frame)
+
+    def _on_usr2(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.owner or self.signalled:  # a forked child, or the signal again
+            return
+        self.signalled = True
+        if not request_stop("the requeue signal (USR2)"):
+            self.now(signum, frame)
+            return
+        signal.signal(signal.SIGALRM, self.now)
+        signal.setitimer(signal.ITIMER_REAL, self.deadline_s)
+
+    def __enter__(self) -> CheckpointBeforeRequeue:
+        self.owner = os.getpid()
+        self.previous_alarm = signal.getsignal(signal.SIGALRM)
+        signal.signal(signal.SIGUSR2, self._on_usr2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self.previous_alarm)
+        signal.signal(signal.SIGUSR2, self.requeue)
 
 
 def submit(cfg: SSLConfig, parameters: dict[str, Any], *, fresh_start: bool = False,
@@ -180,4 +235,4 @@ def submit(cfg: SSLConfig, parameters: dict[str, Any], *, fresh_start: bool = Fa
     frozen = save_config(cfg, folder / f"config-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_timeouts)
     executor.update_parameters(**parameters)
-    return executor.submit(TrainingTask(Path(frozen), fresh_start))
+    return executor.submit(TrainingTask(Path(frozen), fresh_start, parameters["signal_delay_s"]))

@@ -35,7 +35,7 @@ from dinocell.train.periodic import KNN_HISTORY, PeriodicEvaluation
 from dinocell.train.preflight import preflight
 from dinocell.train.resume import check_config_change, resume_from_checkpoint, set_aside_run
 from dinocell.train.schedules import build_schedules
-from dinocell.train.signals import StopRequest, Terminated
+from dinocell.train.signals import StopRequest
 from dinocell.train.state import TrainState, seed_everything
 from dinocell.train.step import StepResult, TrainStep
 from dinocell.train.validation import Validation
@@ -219,7 +219,7 @@ def train(cfg: SSLConfig, *, resume: bool = True, stop: StopRequest | None = Non
             distributed.barrier()  # the files are complete before any rank goes on (or a run ends)
         if stopping:
             metrics.close()
-            raise Terminated
+            raise stop.stopped()
         if last:
             evaluation.end_at(done)  # total_iters, or where early stopping ends the run
         if evaluation.due(done):
