@@ -17,6 +17,7 @@ from eval_data import Tiles, tiny_config, tiny_model
 from PIL import Image
 
 from dinocell.data import make_dataset
+from dinocell.distributed import process_group_ends
 from dinocell.eval.errors import EvalError
 from dinocell.eval.features import FeatureSet, export_features, extract, load_features
 
@@ -118,15 +119,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
+    with process_group_ends():
         model, dataset = tiny_model(), Tiles()
         export_features(model, dataset, None, os.path.join(out_dir, "export"), settings={}, chunk_size=3,
                         batch_size=2, num_workers=0, device="cpu", show_progress=False)
         gathered = extract(model, dataset, None, batch_size=2, num_workers=0, device="cpu", distributed_shards=True,
                            show_progress=False)
         torch.save(gathered, os.path.join(out_dir, f"gathered{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

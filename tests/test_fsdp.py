@@ -247,18 +247,18 @@ from dinocell.train.state import TrainState
 from test_fsdp import _model_and_optimizer
 from tiny_runs import TINY_DINO
 info = distributed.init_distributed()
-for root in sys.argv[1:]:
-    torch.manual_seed(7)  # another initialisation: the checkpoint must overwrite every value
-    model, optimizer = _model_and_optimizer(load_config(overrides=TINY_DINO), shard=True)
-    state = TrainState(model, optimizer, EarlyStopping("val_loss", patience=0, min_delta=0.0), global_batch_size=4,
-                       seed=0, sharded=True)
-    _, saved = load_latest_checkpoint(Path(root), state.sharded_template)
-    state.load_state_dict(saved)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                                   cpu_offload=True))
-    if info.rank == 0:
-        torch.save({"model": model_sd, "optimizer": optim_sd, "iteration": state.iteration}, Path(root) / "got.pth")
-distributed.destroy()
+with distributed.process_group_ends():
+    for root in sys.argv[1:]:
+        torch.manual_seed(7)  # another initialisation: the checkpoint must overwrite every value
+        model, optimizer = _model_and_optimizer(load_config(overrides=TINY_DINO), shard=True)
+        state = TrainState(model, optimizer, EarlyStopping("val_loss", patience=0, min_delta=0.0), global_batch_size=4,
+                           seed=0, sharded=True)
+        _, saved = load_latest_checkpoint(Path(root), state.sharded_template)
+        state.load_state_dict(saved)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                       cpu_offload=True))
+        if info.rank == 0:
+            torch.save({"model": model_sd, "optimizer": optim_sd, "iteration": state.iteration}, Path(root) / "got.pth")
 """
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 import dinocell.loss.koleo as koleo_module
+from dinocell.distributed import process_group_ends
 from dinocell.loss import dino_loss, ibot_loss, koleo_loss, logit_sum, sinkhorn_knopp, softmax_center, update_center
 
 LN2 = math.log(2.0)
@@ -273,7 +274,7 @@ def _distributed_worker(
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
+    with process_group_ends():
         part = logits[:split] if rank == 0 else logits[split:]
         probs = sinkhorn_knopp(part, temp=0.2)
         center = update_center(torch.zeros(1, logits.shape[1]), *logit_sum(part), momentum=0.9)
@@ -284,8 +285,6 @@ def _distributed_worker(
         koleo.backward()
         result = {"probs": probs, "center": center, "koleo": koleo.detach(), "koleo_grad": x.grad}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from dinocell.distributed import process_group_ends
 from dinocell.loss import nt_xent_loss
 
 
@@ -87,14 +88,12 @@ def _worker(rank: int, port: int, z_a: torch.Tensor, z_b: torch.Tensor, out_dir:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
+    with process_group_ends():
         b = z_a.shape[0] // 2
         mine = [z[rank * b : (rank + 1) * b].clone().requires_grad_(True) for z in (z_a, z_b)]
         loss = nt_xent_loss(*mine, temperature=0.2)
         loss.backward()
         torch.save({"loss": loss.detach(), "grads": [z.grad for z in mine]}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

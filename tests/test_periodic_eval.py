@@ -255,30 +255,30 @@ SHARD_WORKER = textwrap.dedent("""
     from dinocell.models import build_backbone
 
     info = distributed.init_distributed()
-    torch.manual_seed(0)
-    model = build_backbone("vit_test", patch_size=8, n_storage_tokens=1, in_chans=5, layerscale_init=0.1).eval()
+    with distributed.process_group_ends():
+        torch.manual_seed(0)
+        model = build_backbone("vit_test", patch_size=8, n_storage_tokens=1, in_chans=5, layerscale_init=0.1).eval()
 
 
-    class Counting(SampleDataset):  # the dataset, remembering which samples this process read
-        def __init__(self, inner):
-            self.inner, self.classes, self.seen = inner, inner.classes, []
+        class Counting(SampleDataset):  # the dataset, remembering which samples this process read
+            def __init__(self, inner):
+                self.inner, self.classes, self.seen = inner, inner.classes, []
 
-        def __len__(self):
-            return len(self.inner)
+            def __len__(self):
+                return len(self.inner)
 
-        def __getitem__(self, i):
-            self.seen.append(i)
-            return self.inner[i]
+            def __getitem__(self, i):
+                self.seen.append(i)
+                return self.inner[i]
 
-    dataset = Counting(make_dataset(sys.argv[1]))
-    feats = extract(model, dataset, lambda s: s["image"], batch_size=2, num_workers=0, device="cpu",
-                    distributed_shards=True, show_progress=False)
-    features_seen, dataset.seen = dataset.seen, []
-    scores = channel_consistency(model, dataset, size=32, in_chans=5, batch_size=2, num_workers=0, device="cpu",
-                                 distributed_shards=True, show_progress=False)
-    print(json.dumps({"rank": info.rank, "features_seen": features_seen, "channels_seen": dataset.seen,
-                      "ids": feats.ids, "cls": feats.features["cls"].tolist(), "scores": scores}), flush=True)
-    distributed.destroy()
+        dataset = Counting(make_dataset(sys.argv[1]))
+        feats = extract(model, dataset, lambda s: s["image"], batch_size=2, num_workers=0, device="cpu",
+                        distributed_shards=True, show_progress=False)
+        features_seen, dataset.seen = dataset.seen, []
+        scores = channel_consistency(model, dataset, size=32, in_chans=5, batch_size=2, num_workers=0, device="cpu",
+                                     distributed_shards=True, show_progress=False)
+        print(json.dumps({"rank": info.rank, "features_seen": features_seen, "channels_seen": dataset.seen,
+                          "ids": feats.ids, "cls": feats.features["cls"].tolist(), "scores": scores}), flush=True)
 """)
 
 

@@ -225,14 +225,21 @@ DIST_WORKER = """
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from dinocell import distributed
-info = distributed.init_distributed()
-layer = torch.nn.Linear(1, 1, bias=False)
-layer.weight.data.fill_(1.0)
-model = DistributedDataParallel(layer) if distributed.is_enabled() else layer
-model(torch.full((1, 1), float(info.rank + 1))).sum().backward()  # d/dw = rank + 1
-mean = distributed.all_reduce_mean(torch.tensor(float(info.rank)))
-print(info.rank, info.world_size, info.local_rank, layer.weight.grad.item(), float(mean), flush=True)
-distributed.destroy()
+
+
+
+def main():  # a function: the DDP wrapper, which holds the group, is freed before the interpreter shuts down
+    info = distributed.init_distributed()
+    with distributed.process_group_ends():
+        layer = torch.nn.Linear(1, 1, bias=False)
+        layer.weight.data.fill_(1.0)
+        model = DistributedDataParallel(layer) if distributed.is_enabled() else layer
+        model(torch.full((1, 1), float(info.rank + 1))).sum().backward()  # d/dw = rank + 1
+        mean = distributed.all_reduce_mean(torch.tensor(float(info.rank)))
+        print(info.rank, info.world_size, info.local_rank, layer.weight.grad.item(), float(mean), flush=True)
+
+
+main()
 """
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "MASTER_PORT")
 

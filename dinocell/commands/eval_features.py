@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     info = distributed.init_distributed()
     device = info.device if args.device is None else torch.device(args.device)
-    try:
+    with distributed.process_group_ends():
         model = load_model(args, device, verbose=info.is_main)
         if args.storage_tokens and model.backbone.n_storage_tokens == 0:
             raise EvalError("--storage-tokens, but the backbone has no storage tokens (n_storage_tokens=0)")
@@ -78,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
             settings={"dataset": args.dataset, **model.description}, kinds=kinds, chunk_size=args.chunk_size,
             batch_size=args.batch_size, num_workers=args.num_workers, device=device,
         )
-    finally:
-        distributed.destroy()
     if info.is_main:
         table = summary_table(manifest)
         (Path(args.output_dir) / "features.txt").write_text(table + "\n")

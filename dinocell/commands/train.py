@@ -79,12 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     out = Path(cfg.train.output_dir)
     try:
-        with sigterm_stops_run(cfg.checkpointing.save_on_sigterm) as stop:
+        with distributed.process_group_ends(), sigterm_stops_run(cfg.checkpointing.save_on_sigterm) as stop:
             train(cfg, resume=not args.no_resume, stop=stop)
     except KeyboardInterrupt as interrupt:
         raise RunStopped(stopped("interrupted (Ctrl-C)", out, argv), 130) from interrupt
     except Terminated as terminated:
         raise RunStopped(stopped(f"stopped by {terminated}", out, argv), 143) from terminated
-    finally:
-        distributed.destroy()
     return 0
