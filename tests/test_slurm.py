@@ -199,20 +199,40 @@ def _tiny_config(folder: Path) -> Path:
 
 
 # Slurm tests share one cluster and one reference run: they run on one pytest-xdist worker (--dist loadgroup)
-@pytest.fixture(scope="module")
-def reference_run(slurm_cluster, tmp_path_factory):
-    """The uninterrupted run: the sbatch template's CPU variant (2 tasks, gloo) on the test cluster."""
-    folder = tmp_path_factory.mktemp("template")
+def _sbatch_template(cluster, folder: Path) -> tuple[Path, str]:
+    """Submit the sbatch template's CPU variant (2 tasks, gloo) on the test cluster: (run directory, job id)."""
     out = folder / "run"
-    env = slurm_cluster.env | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = cluster.env | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     command = ["sbatch", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
                f"--output={folder}/batch-%j.out", str(TEMPLATE), str(_tiny_config(folder)), str(out)]
     submitted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, cwd=folder)
     assert submitted.returncode == 0, submitted.stderr
-    job_id = re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1)
+    return out, re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1)
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster, tmp_path_factory):
+    """The uninterrupted run, through the sbatch template."""
+    folder = tmp_path_factory.mktemp("template")
+    out, job_id = _sbatch_template(slurm_cluster, folder)
     state = slurm_cluster.wait(job_id, timeout_s=300)
     assert state == "COMPLETED", (state, (folder / f"batch-{job_id}.out").read_text()[-3000:])
     return folder, out, job_id
+
+
+def _assert_resumed_mid_run_like_the_reference(out: Path, reference: Path) -> None:
+    """The run stopped once, after a checkpoint it wrote for the requeue (there is no periodic one before the end),
+    resumed from it and ended with the reference's metrics and teacher, bit for bit."""
+    resumed = re.findall(r"resumed from \S+/ckpt/(\d+) at iteration", (out / "logs" / "log.txt").read_text())
+    assert len(resumed) == 1 and 3 <= int(resumed[0]) < ITERATIONS, resumed
+    assert [int(c.name) for c in list_checkpoints(out / "ckpt")] == [int(resumed[0]), ITERATIONS]
+    expected, got = _metrics(reference), _metrics(out)
+    assert [r["iteration"] for r in got] == list(range(ITERATIONS))
+    for a, b in zip(expected, got):
+        assert {k: a[k] for k in LOSS_FIELDS} == {k: b[k] for k in LOSS_FIELDS}, a["iteration"]
+    dump_a = torch.load(reference / "eval" / "final" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    dump_b = torch.load(out / "eval" / "final" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    assert dump_a.keys() == dump_b.keys() and all(torch.equal(dump_a[k], dump_b[k]) for k in dump_a)
 
 
 @pytest.mark.slow
@@ -267,16 +287,22 @@ def test_submitted_job_requeued_mid_run_resumes_to_the_uninterrupted_metrics(
     assert "Caught signal SIGUSR2" in task0_log  # then submitit's handler ran: checkpoint() and requeue
     assert (out / "slurm" / f"{job_id}_submission.sh").read_text().rstrip("\n") == dry_run.rstrip("\n")
 
-    resumed = re.findall(r"resumed from \S+/ckpt/(\d+) at iteration", (out / "logs" / "log.txt").read_text())
-    assert len(resumed) == 1 and 3 <= int(resumed[0]) < ITERATIONS, resumed  # the signal's checkpoint, mid-run
-    assert not list(out.glob("ckpt.replaced-*"))  # --no-resume did not apply to the second attempt
-    assert [int(c.name) for c in list_checkpoints(out / "ckpt")] == [int(resumed[0]), ITERATIONS]
+    assert not list(out.glob("replaced-*"))  # --no-resume did not apply to the second attempt
+    _assert_resumed_mid_run_like_the_reference(out, reference_run[1])
 
-    reference = reference_run[1]
-    expected, got = _metrics(reference), _metrics(out)
-    assert [r["iteration"] for r in got] == list(range(ITERATIONS))
-    for a, b in zip(expected, got):
-        assert {k: a[k] for k in LOSS_FIELDS} == {k: b[k] for k in LOSS_FIELDS}, a["iteration"]
-    dump_a = torch.load(reference / "eval" / "final" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
-    dump_b = torch.load(out / "eval" / "final" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
-    assert dump_a.keys() == dump_b.keys() and all(torch.equal(dump_a[k], dump_b[k]) for k in dump_a)
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("slurm")
+def test_sbatch_template_checkpoints_on_its_time_limit_signal_and_requeues(slurm_cluster, reference_run, tmp_path):
+    """Slurm's time-limit signal to the template's batch shell (USR1): the trap has the tasks checkpoint and stop, then
+    requeues the job, whose next attempt resumes from that checkpoint to the uninterrupted run's metrics."""
+    out, job_id = _sbatch_template(slurm_cluster, tmp_path)
+    _wait_for_iterations(slurm_cluster, job_id, out, 2, timeout_s=180)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=slurm_cluster.env, check=True, timeout=30)
+    state = slurm_cluster.wait(job_id, timeout_s=300)
+    batch_log = (tmp_path / f"batch-{job_id}.out").read_text()
+    assert state == "COMPLETED", (state, batch_log[-3000:])
+    assert slurm_cluster.job_field(job_id, "Restarts") == "1"
+    assert "time limit near: the tasks checkpoint and stop" in batch_log
+    assert "stopped by SIGTERM; the newest checkpoint is" in (out / "slurm" / f"{job_id}_0.err").read_text()
+    _assert_resumed_mid_run_like_the_reference(out, reference_run[1])
