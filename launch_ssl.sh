@@ -96,6 +96,9 @@ else
 fi
 
 train=(-m dinocell.train --config-file "$config" "${train_args[@]}")
+# On SIGTERM the run writes a checkpoint at the next iteration, then stops; torchrun waits this long for it before it
+# kills the processes (its own default: 30 s, too short for a large model's checkpoint)
+torchrun=(env TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}" python -m torch.distributed.run)
 if [ "$nnodes" -gt 1 ]; then
     per_node=$(( n_gpus > 0 ? n_gpus : 1 ))
     if [ -n "$node_rank" ]; then
@@ -103,11 +106,10 @@ if [ "$nnodes" -gt 1 ]; then
     else
         rendezvous=(--rdzv-backend=c10d --rdzv-endpoint="$rdzv_endpoint" --rdzv-id=dinocell)
     fi
-    command=(python -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$per_node" "${rendezvous[@]}"
-             "${train[@]}")
+    command=("${torchrun[@]}" --nnodes="$nnodes" --nproc-per-node="$per_node" "${rendezvous[@]}" "${train[@]}")
     what="node ${node_rank:-?} of $nnodes, $per_node process(es) here ($n_gpus GPU(s)), rendezvous $rdzv_endpoint"
 elif [ "$n_gpus" -ge 1 ]; then
-    command=(python -m torch.distributed.run --standalone --nproc-per-node="$n_gpus" "${train[@]}")
+    command=("${torchrun[@]}" --standalone --nproc-per-node="$n_gpus" "${train[@]}")
     what="$n_gpus GPU(s): torchrun --nproc-per-node=$n_gpus"
 else
     command=(python "${train[@]}")

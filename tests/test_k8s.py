@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from dinocell.commands import k8s as k8s_cli
 from dinocell.config import load_config
+from dinocell.run import k8s
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
 
@@ -124,6 +125,9 @@ def _check_output(pod: dict, output: str) -> None:
     volume = next(v for v in pod["volumes"] if v["name"] == "output")
     mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     assert mounts["output"] == "/output" and mounts["shm"] == "/dev/shm"
+    # on SIGTERM torchrun waits this long for the workers' checkpoint; the pod's grace period covers that wait
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    assert int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) + 30 <= pod["terminationGracePeriodSeconds"]
     if output.startswith("pvc:"):
         assert volume == {"name": "output", "persistentVolumeClaim": {"claimName": "runs"}}
         assert "initContainers" not in pod
@@ -135,6 +139,15 @@ def _check_output(pod: dict, output: str) -> None:
         script = container["command"][2]
         assert subprocess.run(["sh", "-n", "-c", script]).returncode == 0
         assert "s3://my-bucket/dinocell/vits8" in script and "/output/vits8" in script
+
+
+def test_torchrun_takes_the_shutdown_timeout_the_pods_set(monkeypatch):
+    """torchrun reads the variable the trainer container sets (its own default is a 30 s wait before SIGKILL)."""
+    from torch.distributed.run import config_from_args, get_args_parser
+
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(k8s.SHUTDOWN_TIMEOUT_S))
+    config, *_ = config_from_args(get_args_parser().parse_args(["--nproc-per-node=1", "-m", "dinocell.train"]))
+    assert config.shutdown_timeout == k8s.SHUTDOWN_TIMEOUT_S == 120
 
 
 def test_s3_fetch_takes_the_newest_checkpoint_only(tmp_path):

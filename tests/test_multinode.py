@@ -18,13 +18,14 @@ LOSSES = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot
 
 
 def _launcher_command(*args: str) -> list[str]:
-    """What launch_ssl.sh would run on this machine (--dry-run), with this test's interpreter as `python`."""
+    """What launch_ssl.sh would run on this machine (--dry-run), with this test's interpreter as `python`; torchrun
+    gets 120 s to let the processes write their SIGTERM checkpoint (its default is 30 s)."""
     shown = subprocess.run([str(LAUNCHER), *args, "--dry-run"], env=_cpu_env(), capture_output=True, text=True,
                            timeout=30)
     assert shown.returncode == 0, shown.stderr
     command = shlex.split(shown.stdout)
-    assert command[0] == "python"
-    return [sys.executable, *command[1:]]
+    assert command[:3] == ["env", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120", "python"], command
+    return [sys.executable, *command[3:]]
 
 
 def _cpu_env() -> dict[str, str]:

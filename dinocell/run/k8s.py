@@ -37,6 +37,11 @@ CONFIG_DIR = "/etc/dinocell"
 OUTPUT_ROOT = "/output"
 AWS_CLI_IMAGE = "amazon/aws-cli:2.17.0"
 MAX_RESTARTS = 3  # re-rendezvous (c10d) or pod restarts (PyTorchJob) before the run is declared failed
+# On SIGTERM (pod deletion, preemption) the run writes a checkpoint at the next iteration, then stops: torchrun waits
+# this long for it before it kills the workers (its own default is 30 s; older torchruns ignore the variable), and the
+# pod's grace period covers that wait, plus the final upload with S3 output
+SHUTDOWN_TIMEOUT_S = 120
+GRACE_PERIOD_S = {"pvc": SHUTDOWN_TIMEOUT_S + 30, "s3": 300}
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -140,7 +145,8 @@ def _trainer(run: K8sRun, name: str, command: list[str]) -> dict[str, Any]:
         "image": run.image,
         "command": command,
         "ports": [{"name": "pytorchjob-port" if name == "pytorch" else "rendezvous", "containerPort": PORT}],
-        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"},
+                {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(SHUTDOWN_TIMEOUT_S)}],
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "output", "mountPath": OUTPUT_ROOT},
@@ -160,10 +166,11 @@ def _pod_spec(run: K8sRun, trainer: dict[str, Any]) -> dict[str, Any]:
     spec: dict[str, Any] = {"containers": [trainer], "volumes": volumes}
     if run.output.startswith("pvc:"):
         volumes.append({"name": "output", "persistentVolumeClaim": {"claimName": run.output[4:]}})
+        spec["terminationGracePeriodSeconds"] = GRACE_PERIOD_S["pvc"]
     else:
         volumes.append({"name": "output", "emptyDir": {}})
         spec["initContainers"] = [_s3_fetch(run), _s3_upload(run)]
-        spec["terminationGracePeriodSeconds"] = 300  # time for the last upload
+        spec["terminationGracePeriodSeconds"] = GRACE_PERIOD_S["s3"]
     return spec
 
 
